@@ -1,0 +1,195 @@
+"""Typed configs shared by the stages.
+
+Each stage's config is a tree of these dataclasses, built by a recipe function
+(`kiln.recipes.pretrain.tiny()`), changed with dotted overrides
+(`kiln.overrides.apply`), and checked by `validate()` before any process group
+or tensor exists.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field, the values and a fix."""
+
+
+@dataclass
+class RopeScaling:
+    """Llama 3.1-style RoPE frequency scaling (megatron-core `rope_scaling`)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer. GPT-2 and Llama are presets of these fields."""
+
+    # shape
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: Optional[int] = None  # None: 4 x hidden (GELU) or Llama's 8/3 rule (SwiGLU)
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # KV heads for grouped-query attention; None = MHA
+    kv_channels: Optional[int] = None  # head dim; None = hidden_size / num_attention_heads
+    # vocabulary: None takes the tokenizer's size; the embedding is padded for TP
+    vocab_size: Optional[int] = None
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 1024
+    # family-defining choices
+    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    norm_epsilon: float = 1e-5
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    position_embedding: Literal["learned_absolute", "rope"] = "learned_absolute"
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    rope_scaling: Optional[RopeScaling] = None
+    tie_embeddings: bool = True
+    add_bias_linear: bool = True
+    add_qkv_bias: bool = False
+    # init and regularisation
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+    @property
+    def heads_kv(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.activation == "swiglu":  # Llama: 2/3 of 4h, rounded up to a multiple of 256
+            return 256 * math.ceil(int(8 * self.hidden_size / 3) / 256)
+        return 4 * self.hidden_size
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """The embedding rows: vocab rounded up so every TP rank holds an equal, aligned slice."""
+        if self.vocab_size is None:
+            raise ConfigError("model.vocab_size is unset: set it, or give data.tokenizer so kiln reads it")
+        multiple = self.make_vocab_size_divisible_by * tp
+        return multiple * math.ceil(self.vocab_size / multiple)
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks split the model. DP is what is left of the world: world / (TP x PP)."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None  # virtual pipeline stages per PP rank (interleaved 1F1B)
+    sequence_parallel: bool = False
+    world_size: Optional[int] = None  # None: from the launcher's environment
+
+    def dp(self, world_size: int) -> int:
+        return world_size // (self.tp * self.pp)
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adam", "adamw"] = "adamw"  # adamw: decoupled weight decay
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # max global grad norm; 0 turns clipping off
+    distributed: bool = False  # shard optimizer state over DP (megatron distributed optimizer)
+
+
+@dataclass
+class ScheduleConfig:
+    """LR schedule: linear warmup, then cosine decay or warmup-stable-decay (WSD)."""
+
+    style: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    decay_steps: Optional[int] = None  # None: train.steps
+    wsd_decay_steps: Optional[int] = None  # WSD only: length of the final decay phase
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+
+
+@dataclass
+class DataConfig:
+    """Megatron indexed datasets. `blend` is [weight, prefix, weight, prefix, ...] or [prefix]."""
+
+    blend: list = field(default_factory=list)
+    split: str = "98,2,0"  # train, valid, test weights
+    tokenizer: Optional[str] = None  # a Hugging Face tokenizer directory
+    mock: bool = False  # megatron-core's MockGPTDataset: benchmarks only
+    cache_dir: Optional[str] = None  # where megatron-core caches sample indices
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    seq_length: int = 128
+    seed: int = 1234
+    eval_interval: int = 0  # 0: no validation during training
+    eval_steps: int = 2
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    stop_after_steps: Optional[int] = None  # end the process early (tests of resume)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # None: <run_dir>/checkpoints
+    save_interval: int = 0  # 0: only at the end
+    resume: bool = False  # continue from the newest valid checkpoint in `dir`
+    load_weights: Optional[str] = None  # start from these weights (a checkpoint dir), fresh optimizer
+    keep_last: Optional[int] = None  # None: keep every checkpoint
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    tensorboard: bool = True
+    progress_bar: Optional[bool] = None  # None: only when stdout is a terminal
+    loss_spike_factor: float = 3.0  # warn when loss > factor x running mean; 0 turns it off
+
+
+@dataclass
+class PretrainConfig:
+    run_dir: str = "runs/pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or f"{self.run_dir}/checkpoints"
+
+    def num_microbatches(self, world_size: int) -> int:
+        dp = self.parallel.dp(world_size)
+        return self.train.global_batch_size // (self.train.micro_batch_size * dp)
+
+
+@dataclass
+class PrepareConfig:
+    """`kiln prepare`: JSONL text -> Megatron indexed dataset (.bin/.idx) + tokenizer directory."""
+
+    inputs: list = field(default_factory=list)  # JSONL files (.jsonl, .jsonl.gz)
+    output_dir: str = "data/prepared"
+    name: str = "corpus"  # output prefix: <output_dir>/<name>_text_document
+    text_field: str = "text"
+    tokenizer: Optional[str] = None  # a tokenizer directory; None trains a byte-level BPE
+    vocab_size: int = 8192  # only when training a tokenizer
+    batch_size: int = 1000  # documents per tokenizer call

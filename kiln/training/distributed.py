@@ -1,0 +1,92 @@
+"""Process-group set-up from the launcher's environment: torchrun or Slurm's srun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from kiln.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class ProcessEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def process_env() -> ProcessEnv:
+    """Rank, world and rendezvous address, from torchrun's variables or else from Slurm's."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (also under srun + torchrun)
+        return ProcessEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # one srun task per rank
+        return ProcessEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "")),
+            # a port per job, so two jobs sharing a node do not collide
+            master_port=int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
+        )
+    return ProcessEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)))
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+        ).stdout.split()
+        return out[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0].split("[")[0]
+
+
+def init_process_group(penv: ProcessEnv, timeout_minutes: int = 30) -> torch.device:
+    """Start torch.distributed once per process: NCCL on GPU, gloo on CPU. Returns the device."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(penv.local_rank % torch.cuda.device_count())
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            init_method=f"tcp://{penv.master_addr}:{penv.master_port}",
+            rank=penv.rank,
+            world_size=penv.world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
+    """Create megatron-core's TP/PP/DP groups and seed the model-parallel RNGs."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+    )
+    # must follow initialize_model_parallel: the seeds depend on this rank's TP/PP coordinates
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_model_parallel() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()

@@ -1,0 +1,106 @@
+"""Per-step observability on rank 0: a log line, metrics.jsonl, TensorBoard and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from collections import deque
+from pathlib import Path
+
+from kiln.config import LoggingConfig, ModelConfig
+
+log = logging.getLogger("kiln.train")
+
+
+def flops_per_token(model: ModelConfig, seq_length: int, vocab: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), counting every matmul."""
+    h, layers, ffn = model.hidden_size, model.num_layers, model.ffn_size
+    q = model.num_attention_heads * model.head_dim
+    kv = 2 * model.heads_kv * model.head_dim
+    mlp_in = ffn * (2 if model.activation == "swiglu" else 1)
+    per_layer = 2 * h * (q + kv) + 2 * q * h + 2 * h * mlp_in + 2 * ffn * h
+    attention = 2 * 2 * seq_length * q  # scores and weighted values, full (not causal-halved)
+    return 3 * (layers * (per_layer + attention) + 2 * h * vocab)
+
+
+class Divergence(RuntimeError):
+    """A NaN or Inf loss or gradient norm: the run stops and keeps its last good checkpoint."""
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, cfg: LoggingConfig, total_steps: int, enabled: bool):
+        self.cfg = cfg
+        self.enabled = enabled
+        self.recent = deque(maxlen=20)
+        self._jsonl = self._tb = self._progress = None
+        if not enabled:
+            return
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        show_bar = sys.stdout.isatty() if cfg.progress_bar is None else cfg.progress_bar
+        if show_bar:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
+            )
+            self._task = self._progress.add_task("train", total=total_steps, loss="-")
+            self._progress.start()
+
+    def check(self, step: int, loss: float, grad_norm: float | None) -> None:
+        """Raise Divergence on NaN/Inf; warn on a spike over the running mean. Every rank calls it."""
+        bad = [name for name, v in (("loss", loss), ("grad norm", grad_norm))
+               if v is not None and not math.isfinite(v)]
+        if bad:
+            raise Divergence(
+                f"step {step}: {' and '.join(bad)} is {loss if 'loss' in bad else grad_norm}; "
+                f"stopping without saving, so the last checkpoint stays the last good state. "
+                f"Lower optimizer.lr, raise schedule.warmup_steps or set optimizer.clip_grad"
+            )
+        if self.recent and self.cfg.loss_spike_factor > 0:
+            mean = sum(self.recent) / len(self.recent)
+            if loss > self.cfg.loss_spike_factor * mean and self.enabled:
+                log.warning("step %d: loss spike %.4f > %.1f x running mean %.4f",
+                            step, loss, self.cfg.loss_spike_factor, mean)
+        self.recent.append(loss)
+
+    def log(self, step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **record}) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and value is not None:
+                    self._tb.add_scalar(key.replace(" ", "_"), value, step)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, loss=f"{record.get('loss', 0):.4f}")
+        if step % self.cfg.log_interval == 0:
+            parts = [f"step {step:>6}"] + [_fmt(k, v) for k, v in record.items() if v is not None]
+            line = " | ".join(parts)
+            if self._progress is not None:
+                self._progress.console.print(line)
+            else:
+                print(line, flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def _fmt(key: str, value) -> str:
+    if isinstance(value, float):
+        if key == "lr":
+            return f"{key} {value:.3e}"
+        return f"{key} {value:.4f}" if abs(value) < 1e4 else f"{key} {value:.3e}"
+    return f"{key} {value}"

@@ -1,0 +1,179 @@
+"""Builds megatron-core GPTModel chunks, wrapped in megatron-core DDP, from a ModelConfig."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from kiln.config import ModelConfig, ParallelConfig
+from kiln.training.layers import SequenceParallelTorchNorm, transformer_engine_available
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),  # GPT-2's gelu_new
+    "swiglu": F.silu,  # gated: megatron-core multiplies silu(gate) by up
+}
+
+
+def params_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: str):
+    """The megatron-core TransformerConfig for this model, layout and precision."""
+    from megatron.core.transformer import TransformerConfig
+
+    dtype = params_dtype(precision)
+    on_cpu = not torch.cuda.is_available()
+    return TransformerConfig(
+        # shape
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.heads_kv,
+        kv_channels=model.head_dim,
+        # family
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.activation == "swiglu",
+        activation_func=_ACTIVATIONS[model.activation],
+        add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
+        init_method_std=model.init_method_std,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        # parallelism
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        sequence_parallel=parallel.sequence_parallel,
+        # interleaving sends activations and gradients between the same two ranks at once;
+        # batched p2p pairs them by call order and can swap them (seen with gloo at PP=2),
+        # so interleaved runs use megatron's ordered p2p, overlapped, as Megatron-LM does
+        batch_p2p_comm=parallel.vpp is None,
+        overlap_p2p_comm=parallel.vpp is not None,
+        # precision
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        # the loss is a sum over tokens; megatron-core divides by the global token count, so
+        # masked (SFT) and unmasked tokens weigh the same under any DP x microbatch split
+        calculate_per_token_loss=True,
+        # CPU: initialise full weights on the host and slice them, so TP ranks hold exactly
+        # the single-process weights; fused kernels exist only on GPU
+        use_cpu_initialization=on_cpu,
+        masked_softmax_fusion=not on_cpu,
+        bias_activation_fusion=not on_cpu and model.activation != "gelu_tanh",
+        bias_dropout_fusion=not on_cpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def layer_spec(model: ModelConfig, tconfig, vp_stage: int | None):
+    """TransformerEngine layers when importable (GPU), megatron-core's local layers otherwise."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlock,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if torch.cuda.is_available() and transformer_engine_available():
+        return get_gpt_layer_with_transformer_engine_spec()
+    layer = get_gpt_layer_local_spec(normalization=model.normalization)
+    # megatron-core's torch-norm wrapper refuses sequence parallelism and does not tag its
+    # weights for the TP all-reduce of their gradients; kiln's norm does both
+    layer.submodules.input_layernorm = SequenceParallelTorchNorm
+    layer.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
+    count = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(
+            layer_specs=[layer] * count, layer_norm=SequenceParallelTorchNorm
+        ),
+    )
+
+
+def build_gpt(model: ModelConfig, parallel: ParallelConfig, tconfig, vp_stage: int | None = None):
+    """One GPTModel chunk for this rank's pipeline stage (and virtual stage)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    rope = model.position_embedding == "rope"
+    gpt = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=layer_spec(model, tconfig, vp_stage),
+        vocab_size=model.padded_vocab_size(parallel.tp),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre,
+        post_process=post,
+        parallel_output=True,
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type=model.position_embedding,
+        rotary_percent=model.rotary_percent,
+        rotary_base=model.rotary_base,
+        vp_stage=vp_stage,
+    )
+    if rope and model.rope_scaling is not None:
+        _scale_rope(gpt, model)
+    return gpt
+
+
+def _scale_rope(gpt, model: ModelConfig) -> None:
+    """Llama 3.1 RoPE scaling with all four of its parameters (GPTModel exposes only `factor`)."""
+    rope = gpt.rotary_pos_emb
+    s = model.rope_scaling
+    dim = int(model.head_dim * model.rotary_percent)
+    base = 1.0 / model.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    rope.inv_freq = rope._apply_scaling(
+        base.to(rope.inv_freq.device),
+        factor=s.factor,
+        low_freq_factor=s.low_freq_factor,
+        high_freq_factor=s.high_freq_factor,
+        original_max_position_embeddings=s.original_max_position_embeddings,
+    )
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig, precision: str, device: torch.device,
+                use_distributed_optimizer: bool):
+    """This rank's model chunks (one, or vpp with interleaving), each wrapped in megatron-core DDP."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.tensor_parallel import set_defaults_if_not_set_tensor_model_parallel_attributes
+
+    tconfig = transformer_config(model, parallel, precision)
+    stages = range(parallel.vpp) if parallel.vpp else [None]
+    chunks = [build_gpt(model, parallel, tconfig, vp_stage=s) for s in stages]
+    for chunk in chunks:
+        for p in chunk.parameters():
+            set_defaults_if_not_set_tensor_model_parallel_attributes(p)
+        chunk.to(device)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+        check_for_nan_in_grad=False,  # kiln checks the loss and the grad norm itself
+    )
+    wrapped = [
+        DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=chunk,
+                                disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    return wrapped, tconfig

@@ -1,0 +1,164 @@
+"""`kiln pretrain`: the pretraining stage on the megatron-core engine.
+
+Every rank runs `pretrain(cfg)`; rank and world come from torchrun or srun. The
+config is resolved and validated before any process group exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from kiln.artifact import write_manifest
+from kiln.config import PretrainConfig
+from kiln.data import gpt_dataset
+from kiln.training import checkpoint as ckpt
+from kiln.training.distributed import (
+    destroy_model_parallel,
+    init_model_parallel,
+    init_process_group,
+    process_env,
+)
+from kiln.training.engine import build_engine, eval_step, lm_forward_step, train_step
+from kiln.training.metrics import MetricsLogger, flops_per_token
+from kiln.training.validate import validate
+
+
+def resolve(cfg: PretrainConfig) -> PretrainConfig:
+    """A copy with what can be derived filled in (today: the vocab size from the tokenizer)."""
+    cfg = copy.deepcopy(cfg)
+    if cfg.model.vocab_size is None and cfg.data.tokenizer:
+        from kiln.data.tokenizer import vocab_size
+
+        cfg.model.vocab_size = vocab_size(cfg.data.tokenizer)
+    return cfg
+
+
+def _tokenizer(cfg: PretrainConfig):
+    if cfg.data.tokenizer:
+        from kiln.data.tokenizer import MegatronTokenizer
+
+        return MegatronTokenizer(cfg.data.tokenizer)
+    from megatron.core.datasets.utils import Split  # noqa: F401  (mock data needs only sizes)
+
+    class _MockTokenizer:
+        vocab_size = cfg.model.vocab_size
+        eod = 0
+        unique_identifiers = {"class": "kiln.mock", "vocab": cfg.model.vocab_size}
+
+    return _MockTokenizer()
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Train; returns the summary written to the run's kiln.json (on every rank)."""
+    started = time.time()
+    penv = process_env()
+    cfg = resolve(cfg)
+    validate(cfg, penv.world_size)
+    if not torch.cuda.is_available():
+        from kiln.training import cpu
+
+        cpu.enable()
+    device = init_process_group(penv)
+    init_model_parallel(cfg.parallel, cfg.train.seed)
+    try:
+        return _train(cfg, penv.rank, penv.world_size, device, started)
+    finally:
+        destroy_model_parallel()
+
+
+def _train(cfg: PretrainConfig, rank: int, world: int, device, started: float) -> dict:
+    t = cfg.train
+    engine = build_engine(cfg, device)
+    run_dir = Path(cfg.run_dir)
+    train_ds, valid_ds = gpt_dataset.build_datasets(
+        cfg.data, t, _tokenizer(cfg), cfg.data.cache_dir or str(run_dir / "data_cache")
+    )
+    order = gpt_dataset.BatchOrder(t.micro_batch_size, t.global_batch_size, engine.dp_rank, engine.dp_size)
+    microbatches = cfg.num_microbatches(world)
+
+    start_step, source = 0, None
+    if cfg.checkpoint.resume and ckpt.latest(cfg.checkpoint_dir) is not None:
+        source = ckpt.latest(cfg.checkpoint_dir)
+        state = ckpt.load(source, engine.chunks, engine.optimizer, engine.scheduler)
+        start_step = state["step"]
+    elif cfg.checkpoint.load_weights:
+        source = ckpt.resolve(cfg.checkpoint.load_weights)
+        ckpt.load(source, engine.chunks)
+
+    metrics = MetricsLogger(str(run_dir), cfg.logging, t.steps, enabled=rank == 0)
+    if rank == 0 and source is not None:
+        print(f"loaded {source} at step {start_step}", flush=True)
+    flops = flops_per_token(cfg.model, t.seq_length, cfg.model.padded_vocab_size(cfg.parallel.tp))
+    tokens_per_step = t.global_batch_size * t.seq_length
+    last: dict = {}
+    step = start_step
+    try:
+        while step < t.steps:
+            tic = time.perf_counter()
+            result = train_step(
+                engine, lambda: gpt_dataset.microbatches(train_ds, order, step, microbatches, device),
+                microbatches, t.seq_length, t.micro_batch_size, lm_forward_step,
+            )
+            seconds = time.perf_counter() - tic
+            step += 1
+            metrics.check(step, result["loss"], result["grad_norm"])
+            record = {
+                "loss": result["loss"],
+                "lr": result["lr"],
+                "grad_norm": result["grad_norm"],
+                "tokens_per_s": tokens_per_step / seconds,
+                "s_per_step": seconds,
+            }
+            if device.type == "cuda":
+                record["tflops_per_gpu"] = flops * tokens_per_step / seconds / world / 1e12
+            if t.eval_interval and step % t.eval_interval == 0:
+                record["val_loss"] = _evaluate(cfg, engine, valid_ds, step // t.eval_interval, device, world)
+            metrics.log(step, record)
+            last = record
+            if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step < t.steps:
+                _save(cfg, engine, step)
+            if t.stop_after_steps is not None and step - start_step >= t.stop_after_steps:
+                return {"stopped_at": step}
+        if step > start_step or ckpt.latest(cfg.checkpoint_dir) is None:
+            _save(cfg, engine, step)
+    finally:
+        metrics.close()
+    summary = {"steps": step, "final": last, "checkpoint": str(Path(cfg.checkpoint_dir) / ckpt.name(step))}
+    if rank == 0:
+        write_manifest(run_dir, "pretrain", cfg, [p for p in _input_files(cfg)], summary, started)
+    return summary
+
+
+def _evaluate(cfg, engine, valid_ds, round_index: int, device, world) -> float:
+    t = cfg.train
+    order = gpt_dataset.BatchOrder(t.micro_batch_size, t.global_batch_size, engine.dp_rank, engine.dp_size)
+    mb = cfg.num_microbatches(world)
+    totals = []
+    for i in range(t.eval_steps):
+        step_index = (round_index - 1) * t.eval_steps + i
+        result = eval_step(
+            engine, lambda: gpt_dataset.microbatches(valid_ds, order, step_index, mb, device),
+            mb, t.seq_length, t.micro_batch_size, lm_forward_step,
+        )
+        totals.append(result["loss"])
+    return sum(totals) / len(totals)
+
+
+def _save(cfg: PretrainConfig, engine, step: int) -> None:
+    ckpt.save(cfg.checkpoint_dir, step, engine.chunks, engine.optimizer, engine.scheduler,
+              {"consumed_samples": step * cfg.train.global_batch_size}, cfg.checkpoint.keep_last)
+
+
+def _input_files(cfg: PretrainConfig) -> list[str]:
+    files = []
+    if not cfg.data.mock:
+        prefixes, _ = gpt_dataset.blend(cfg.data)
+        files += [p + suffix for p in prefixes for suffix in (".bin", ".idx")]
+    if cfg.data.tokenizer:
+        files.append(os.path.join(cfg.data.tokenizer, "tokenizer.json"))
+    return files
