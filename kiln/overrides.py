@@ -100,6 +100,11 @@ def coerce(value: Any, annotation: Any, path: str) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{path}={value!r} is not a number")
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -29,31 +29,31 @@ def read_texts(paths: list[str], field: str) -> Iterator[str]:
     """Yield each record's `field`, failing with file:line on malformed records."""
     for path in paths:
         opener = gzip.open if str(path).endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8", errors="strict") as f:
-            lineno = 0
-            try:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise InputError(
-                            f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one "
-                            f"JSON object, e.g. {{\"{field}\": \"...\"}}"
-                        ) from None
-                    text = record.get(field) if isinstance(record, dict) else None
-                    if not isinstance(text, str):
-                        raise InputError(
-                            f"{path}:{lineno}: field {field!r} is missing or not a string; set "
-                            f"text_field to the field that holds the document text"
-                        )
-                    if text:
-                        yield text
-            except UnicodeDecodeError as exc:
-                raise InputError(
-                    f"{path}:{lineno + 1}: invalid UTF-8 ({exc.reason}); re-encode the file as UTF-8"
-                ) from None
+        with opener(path, "rb") as f:  # bytes, decoded per line, so errors know their line
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise InputError(
+                        f"{path}:{lineno}: invalid UTF-8 ({exc.reason}); re-encode the file as UTF-8"
+                    ) from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputError(
+                        f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one "
+                        f"JSON object, e.g. {{\"{field}\": \"...\"}}"
+                    ) from None
+                text = record.get(field) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise InputError(
+                        f"{path}:{lineno}: field {field!r} is missing or not a string; set "
+                        f"text_field to the field that holds the document text"
+                    )
+                if text:
+                    yield text
 
 
 def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:

@@ -27,7 +27,7 @@ def tiny() -> PretrainConfig:
     return PretrainConfig(
         run_dir="runs/tiny",
         model=models.tiny_llama(),  # vocab from the tokenizer
-        parallel=ParallelConfig(tp=2, pp=1),
+        parallel=ParallelConfig(tp=2, pp=1, world_size=2),
         train=TrainConfig(steps=60, micro_batch_size=4, global_batch_size=16, seq_length=128,
                           seed=1234, eval_interval=20, eval_steps=1),
         optimizer=OptimizerConfig(name="adamw", lr=3e-3, min_lr=3e-4, weight_decay=0.01,
@@ -45,9 +45,9 @@ def gpt2_124m() -> PretrainConfig:
     return PretrainConfig(
         run_dir="runs/gpt2_124m",
         model=models.gpt2_124m(),
-        parallel=ParallelConfig(tp=1, pp=1),
+        parallel=ParallelConfig(tp=1, pp=1, world_size=8),
         train=TrainConfig(steps=20_000, micro_batch_size=16, global_batch_size=512,
-                          seq_length=1024, eval_interval=1000, eval_steps=10),
+                          seq_length=1024, eval_interval=1000, eval_steps=10, precision="bf16"),
         optimizer=OptimizerConfig(name="adamw", lr=6e-4, min_lr=6e-5, weight_decay=0.1,
                                   beta2=0.95, clip_grad=1.0, distributed=True),
         schedule=ScheduleConfig(style="cosine", warmup_steps=700),
@@ -62,7 +62,7 @@ def llama3_8b() -> PretrainConfig:
     return PretrainConfig(
         run_dir="runs/llama3_8b",
         model=models.llama3_8b(),
-        parallel=ParallelConfig(tp=2, pp=1, sequence_parallel=True),
+        parallel=ParallelConfig(tp=2, pp=1, sequence_parallel=True, world_size=8),
         train=TrainConfig(steps=100_000, micro_batch_size=1, global_batch_size=128,
                           seq_length=8192, eval_interval=2000, eval_steps=10, precision="bf16"),
         optimizer=OptimizerConfig(name="adamw", lr=3e-4, min_lr=3e-5, weight_decay=0.1,
@@ -79,7 +79,7 @@ def llama3_70b() -> PretrainConfig:
     return PretrainConfig(
         run_dir="runs/llama3_70b",
         model=models.llama3_70b(),
-        parallel=ParallelConfig(tp=8, pp=4, vpp=5, sequence_parallel=True),
+        parallel=ParallelConfig(tp=8, pp=4, vpp=5, sequence_parallel=True, world_size=64),
         train=TrainConfig(steps=100_000, micro_batch_size=1, global_batch_size=512,
                           seq_length=8192, eval_interval=2000, eval_steps=10, precision="bf16"),
         optimizer=OptimizerConfig(name="adamw", lr=1.5e-4, min_lr=1.5e-5, weight_decay=0.1,

@@ -15,6 +15,7 @@ checkpoint loads into any TP/PP/DP layout.
 from __future__ import annotations
 
 import random
+import warnings
 import shutil
 from pathlib import Path
 
@@ -279,3 +280,22 @@ def _saved_keys(path: Path) -> set[str]:
 
     top = {key.split(".")[0] for key in dist_checkpointing.load_tensors_metadata(str(path))}
     return top
+
+
+def read_tensors(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Whole (unsharded) tensors of a checkpoint whose keys start with `prefix`, read in this
+    process alone: no process group, megatron-core or model needed (inspection, tests)."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(str(resolve(path)))
+    metadata = reader.read_metadata().state_dict_metadata
+    wanted = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.items()
+        if isinstance(meta, TensorStorageMetadata) and key.startswith(prefix)
+    }
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore")
+        load(wanted, storage_reader=reader, no_dist=True)
+    return wanted

@@ -25,6 +25,11 @@ def validate(cfg: PretrainConfig, world_size: int) -> None:
         if value < 1:
             raise ConfigError(f"{name}={value} must be at least 1")
 
+    if p.world_size is not None and p.world_size != world_size:
+        raise ConfigError(
+            f"parallel.world_size={p.world_size} but {world_size} processes were launched: launch "
+            f"{p.world_size} (--nproc, or nodes x tasks per node), or set parallel.world_size=null"
+        )
     mp = p.tp * p.pp
     if world_size % mp:
         raise ConfigError(

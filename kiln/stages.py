@@ -1,0 +1,49 @@
+"""The registry of stages: each name maps to its config class and its entry function.
+
+The CLI, the local/Slurm/Docker launchers and the pipeline all find stages here,
+so a new stage plugs in with one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from kiln import overrides
+from kiln.config import PrepareConfig, PretrainConfig
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config_cls: type
+    entry: str  # "module:function" taking the config; imported lazily (megatron-core is heavy)
+    distributed: bool  # runs one process per rank under torchrun/srun
+
+    def run(self, cfg):
+        module, func = self.entry.split(":")
+        return getattr(importlib.import_module(module), func)(cfg)
+
+
+STAGES = {
+    s.name: s
+    for s in (
+        Stage("prepare", PrepareConfig, "kiln.data.prepare:prepare", distributed=False),
+        Stage("pretrain", PretrainConfig, "kiln.training.pretrain:pretrain", distributed=True),
+    )
+}
+
+
+def dump_config(cfg, path: str | Path) -> Path:
+    from kiln.artifact import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(overrides.to_dict(cfg), sort_keys=False))
+    return Path(path)
+
+
+def load_config(stage: Stage, path: str | Path):
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return overrides.from_dict(stage.config_cls, data)

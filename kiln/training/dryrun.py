@@ -1,0 +1,47 @@
+"""`--dryrun`: the resolved config, the derived parallel layout and a memory estimate per rank."""
+
+from __future__ import annotations
+
+import yaml
+
+from kiln import overrides
+from kiln.config import PretrainConfig
+from kiln.training import memory
+from kiln.training.layers import transformer_engine_available
+from kiln.training.model import resolve_precision
+from kiln.training.validate import validate
+
+
+def layout(cfg: PretrainConfig, world_size: int) -> dict:
+    p, t = cfg.parallel, cfg.train
+    microbatches = cfg.num_microbatches(world_size)
+    return {
+        "world_size": world_size,
+        "tp": p.tp, "pp": p.pp, "vpp": p.vpp, "dp": p.dp(world_size),
+        "sequence_parallel": p.sequence_parallel,
+        "layers_per_pipeline_stage": cfg.model.num_layers // p.pp,
+        "microbatches_per_step": microbatches,
+        "tokens_per_step": t.global_batch_size * t.seq_length,
+        "padded_vocab_size": cfg.model.padded_vocab_size(p.tp),
+        "precision": resolve_precision(t.precision),
+    }
+
+
+def describe(cfg: PretrainConfig, world_size: int) -> str:
+    validate(cfg, world_size)
+    import torch
+
+    derived = layout(cfg, world_size)
+    # plan for the target: bf16/fp16 runs are GPU runs with TransformerEngine's fused attention
+    fused = derived["precision"] != "fp32" or (torch.cuda.is_available() and transformer_engine_available())
+    mem = memory.estimate(cfg, world_size, derived["precision"], flash_attention=fused)
+    lines = ["# resolved config", yaml.safe_dump(overrides.to_dict(cfg), sort_keys=False).rstrip(),
+             "", "# layout"]
+    lines += [f"{k}: {v}" for k, v in derived.items()]
+    lines += ["", "# memory per rank (estimate, busiest pipeline stage)",
+              f"parameters: {mem['parameters_total'] / 1e9:.3f} B total, "
+              f"{mem['parameters_per_rank'] / 1e9:.3f} B on this rank"]
+    for key in ("weights", "gradients", "optimizer", "activations", "total"):
+        lines.append(f"{key + ':':<13}{mem[key + '_gib']:9.2f} GiB")
+    lines.append("nothing was started (--dryrun)")
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""Shared fixtures: a prepared demo dataset and a launcher for multi-process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS_SCRIPT = Path(__file__).parent / "training" / "run_configs.py"
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The shipped demo corpus, tokenized once per session with a BPE trained on it."""
+    from kiln.config import PrepareConfig
+    from kiln.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("demo") / "data"
+    prepare(PrepareConfig(inputs=[str(ROOT / "data/demo/corpus.jsonl")], output_dir=str(out),
+                          vocab_size=2048))
+    return out
+
+
+def tiny_overrides(data: Path, run_dir: Path, **extra) -> list[str]:
+    """The tiny recipe, made quiet and deterministic for tests, plus `extra` field=value pairs."""
+    fields = {
+        "run_dir": str(run_dir),
+        "data.blend": f"[{data}/corpus_text_document]",
+        "data.tokenizer": str(data / "tokenizer"),
+        "data.cache_dir": str(data.parent / "index_cache"),
+        "parallel.world_size": "null",
+        "logging.tensorboard": "false",
+        "logging.progress_bar": "false",
+        "train.eval_interval": "0",
+        "schedule.warmup_steps": "2",
+        "checkpoint.keep_last": "null",
+        **{k.replace("__", "."): v for k, v in extra.items()},
+    }
+    return [f"{k}={v}" for k, v in fields.items()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, configs: list[list[str]], timeout: int = 600) -> str:
+    """Run each override list through `pretrain` in one torchrun launch of `nproc` ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           str(RUNS_SCRIPT), json.dumps(configs)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc.stdout
+
+
+def read_metrics(run_dir: Path) -> dict[int, dict]:
+    """step -> record; a resumed run's records replace the ones it re-ran."""
+    records = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record
+    return records

@@ -1,0 +1,64 @@
+"""`kiln prepare`: JSONL -> megatron-core indexed dataset, one EOD per document, atomic output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kiln.config import PrepareConfig
+from kiln.data import tokenizer as tok
+from kiln.data.prepare import InputError, prepare
+
+DOCS = ["The kiln was fired at dawn.", "Glaze the bowls before noon.", "Ash settles on the shelf."]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_documents_round_trip_with_one_eod_each(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in DOCS * 20])
+    summary = prepare(PrepareConfig(inputs=[str(src)], output_dir=str(tmp_path / "out"), vocab_size=300))
+    dataset = IndexedDataset(summary["prefix"])
+    hf = tok.load(tmp_path / "out" / "tokenizer")
+    assert len(dataset) == summary["documents"] == 60
+    for i, text in enumerate(DOCS):
+        ids = dataset[i].tolist()
+        assert ids[-1] == summary["eod_id"] and summary["eod_id"] not in ids[:-1]
+        assert hf.decode(ids[:-1]) == text
+    assert sum(len(dataset[i]) for i in range(len(dataset))) == summary["tokens"]
+    manifest = json.loads((tmp_path / "out" / "kiln.json").read_text())
+    assert manifest["stage"] == "prepare" and manifest["inputs"][0]["digest"]
+
+
+def test_existing_tokenizer_is_reused(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"body": t} for t in DOCS])
+    first = prepare(PrepareConfig(inputs=[str(src)], output_dir=str(tmp_path / "a"), vocab_size=300,
+                                  text_field="body"))
+    second = prepare(PrepareConfig(inputs=[str(src)], output_dir=str(tmp_path / "b"), text_field="body",
+                                   tokenizer=first["tokenizer"]))
+    assert second["tokens"] == first["tokens"] and second["vocab_size"] == first["vocab_size"]
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"text": "ok"}', '{"text": "ok"}', '{"text": broken}'], r"in\.jsonl:3: not valid JSON"),
+    (['{"text": "ok"}', '{"body": "no text"}'], r"in\.jsonl:2: field 'text' is missing or not a string"),
+    (['{"text": 5}'], r"in\.jsonl:1: field 'text' is missing or not a string"),
+])
+def test_bad_records_name_file_and_line_and_leave_nothing(tmp_path, lines, message):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=message):
+        prepare(PrepareConfig(inputs=[str(src)], output_dir=str(tmp_path / "out"), vocab_size=300))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_invalid_utf8_is_reported(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(InputError, match=r"in\.jsonl:2: invalid UTF-8"):
+        prepare(PrepareConfig(inputs=[str(src)], output_dir=str(tmp_path / "out"), vocab_size=300))
