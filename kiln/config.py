@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 
 class ConfigError(ValueError):
@@ -34,12 +34,12 @@ class ModelConfig:
     # shape
     num_layers: int = 2
     hidden_size: int = 64
-    ffn_hidden_size: Optional[int] = None  # None: 4 x hidden (GELU) or Llama's 8/3 rule (SwiGLU)
+    ffn_hidden_size: int | None = None  # None: 4 x hidden (GELU) or Llama's 8/3 rule (SwiGLU)
     num_attention_heads: int = 4
-    num_query_groups: Optional[int] = None  # KV heads for grouped-query attention; None = MHA
-    kv_channels: Optional[int] = None  # head dim; None = hidden_size / num_attention_heads
+    num_query_groups: int | None = None  # KV heads for grouped-query attention; None = MHA
+    kv_channels: int | None = None  # head dim; None = hidden_size / num_attention_heads
     # vocabulary: None takes the tokenizer's size; the embedding is padded for TP
-    vocab_size: Optional[int] = None
+    vocab_size: int | None = None
     make_vocab_size_divisible_by: int = 128
     max_position_embeddings: int = 1024
     # family-defining choices
@@ -49,7 +49,7 @@ class ModelConfig:
     position_embedding: Literal["learned_absolute", "rope"] = "learned_absolute"
     rotary_base: int = 10000
     rotary_percent: float = 1.0
-    rope_scaling: Optional[RopeScaling] = None
+    rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = True
     add_bias_linear: bool = True
     add_qkv_bias: bool = False
@@ -88,9 +88,9 @@ class ParallelConfig:
 
     tp: int = 1
     pp: int = 1
-    vpp: Optional[int] = None  # virtual pipeline stages per PP rank (interleaved 1F1B)
+    vpp: int | None = None  # virtual pipeline stages per PP rank (interleaved 1F1B)
     sequence_parallel: bool = False
-    world_size: Optional[int] = None  # None: from the launcher's environment
+    world_size: int | None = None  # None: from the launcher's environment
 
     def dp(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp)
@@ -115,8 +115,8 @@ class ScheduleConfig:
 
     style: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
     warmup_steps: int = 0
-    decay_steps: Optional[int] = None  # None: train.steps
-    wsd_decay_steps: Optional[int] = None  # WSD only: length of the final decay phase
+    decay_steps: int | None = None  # None: train.steps
+    wsd_decay_steps: int | None = None  # WSD only: length of the final decay phase
     wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
 
 
@@ -126,9 +126,9 @@ class DataConfig:
 
     blend: list = field(default_factory=list)
     split: str = "98,2,0"  # train, valid, test weights
-    tokenizer: Optional[str] = None  # a Hugging Face tokenizer directory
+    tokenizer: str | None = None  # a Hugging Face tokenizer directory
     mock: bool = False  # megatron-core's MockGPTDataset: benchmarks only
-    cache_dir: Optional[str] = None  # where megatron-core caches sample indices
+    cache_dir: str | None = None  # where megatron-core caches sample indices
 
 
 @dataclass
@@ -141,23 +141,23 @@ class TrainConfig:
     eval_interval: int = 0  # 0: no validation during training
     eval_steps: int = 2
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    stop_after_steps: Optional[int] = None  # end the process early (tests of resume)
+    stop_after_steps: int | None = None  # end the process early (tests of resume)
 
 
 @dataclass
 class CheckpointConfig:
-    dir: Optional[str] = None  # None: <run_dir>/checkpoints
+    dir: str | None = None  # None: <run_dir>/checkpoints
     save_interval: int = 0  # 0: only at the end
     resume: bool = False  # continue from the newest valid checkpoint in `dir`
-    load_weights: Optional[str] = None  # start from these weights (a checkpoint dir), fresh optimizer
-    keep_last: Optional[int] = None  # None: keep every checkpoint
+    load_weights: str | None = None  # start from these weights (a checkpoint dir), fresh optimizer
+    keep_last: int | None = None  # None: keep every checkpoint
 
 
 @dataclass
 class LoggingConfig:
     log_interval: int = 1
     tensorboard: bool = True
-    progress_bar: Optional[bool] = None  # None: only when stdout is a terminal
+    progress_bar: bool | None = None  # None: only when stdout is a terminal
     loss_spike_factor: float = 3.0  # warn when loss > factor x running mean; 0 turns it off
 
 
@@ -190,6 +190,6 @@ class PrepareConfig:
     output_dir: str = "data/prepared"
     name: str = "corpus"  # output prefix: <output_dir>/<name>_text_document
     text_field: str = "text"
-    tokenizer: Optional[str] = None  # a tokenizer directory; None trains a byte-level BPE
+    tokenizer: str | None = None  # a tokenizer directory; None trains a byte-level BPE
     vocab_size: int = 8192  # only when training a tokenizer
     batch_size: int = 1000  # documents per tokenizer call

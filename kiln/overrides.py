@@ -11,7 +11,8 @@ import dataclasses
 import difflib
 import types
 import typing
-from typing import Any, Iterable, Literal, Union
+from collections.abc import Iterable
+from typing import Any, Literal, Union
 
 import yaml
 

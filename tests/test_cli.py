@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from tests.conftest import read_metrics, tiny_overrides
 
 
@@ -30,7 +28,8 @@ def test_dryrun_prints_layout_and_memory_and_starts_nothing(tmp_path):
 
 
 def test_config_error_exits_2_with_the_fix(tmp_path):
-    out = kiln("pretrain", "--recipe", "tiny", "--dryrun", "--nproc", "3", "parallel.tp=3", "parallel.world_size=3")
+    out = kiln("pretrain", "--recipe", "tiny", "--dryrun", "--nproc", "3", "parallel.tp=3",
+               "parallel.world_size=3")
     assert out.returncode == 2
     assert "model.num_attention_heads=4 is not divisible by parallel.tp=3" in out.stderr
 

@@ -28,8 +28,10 @@ def test_optional_section_is_created_on_first_use():
 @pytest.mark.parametrize("text, message", [
     ("parallel.tp=two", "parallel.tp='two' is not an integer"),
     ("parallel.tpp=2", "unknown config field 'parallel.tpp'; did you mean parallel.tp?"),
-    ("schedule.style=exponential", "schedule.style='exponential' is not one of 'cosine', 'wsd', 'linear', 'constant'"),
-    ("parallel.sequence_parallel=maybe", "parallel.sequence_parallel='maybe' is not a boolean: use true or false"),
+    ("schedule.style=exponential",
+     "schedule.style='exponential' is not one of 'cosine', 'wsd', 'linear', 'constant'"),
+    ("parallel.sequence_parallel=maybe",
+     "parallel.sequence_parallel='maybe' is not a boolean: use true or false"),
     ("train.steps", "override 'train.steps' has no '=': write it as field.path=value, e.g. parallel.tp=2"),
 ])
 def test_bad_override_names_the_field(text, message):

@@ -15,8 +15,8 @@ checkpoint loads into any TP/PP/DP layout.
 from __future__ import annotations
 
 import random
-import warnings
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +171,8 @@ def _restore_adam_step(optimizer, steps: list[int]) -> None:
     lack). A wrong step changes Adam's bias correction, so a resumed run would drift without
     any error. kiln saves the counts in its own state and sets them here.
     """
-    for opt, step in zip(_torch_adams(optimizer), steps):
+    adams = _torch_adams(optimizer)
+    for opt, step in zip(adams, steps, strict=True):
         for state in (opt.state.values() if opt else ()):
             if "exp_avg" in state:
                 state["step"] = torch.tensor(float(step))
@@ -267,7 +268,9 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None) -> dict:
         # loader (distrib_optimizer.load_parameter_state_from_dp_reshardable) lacks no_grad
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
-        _restore_adam_step(optimizer, kiln_state.get("adam_steps", []))
+        # a checkpoint written by other tools has no counts: one Adam step per iteration then
+        adams = len(_torch_adams(optimizer))
+        _restore_adam_step(optimizer, kiln_state.get("adam_steps") or [kiln_state.get("step", 0)] * adams)
         if scheduler is not None:
             scheduler.load_state_dict(common["scheduler"])
         if "kiln_rng_state" in loaded:

@@ -18,8 +18,9 @@ def layer_params(cfg: PretrainConfig) -> int:
     q = m.num_attention_heads * m.head_dim
     kv = 2 * m.heads_kv * m.head_dim
     mlp_in = m.ffn_size * (2 if m.activation == "swiglu" else 1)
-    weights = m.hidden_size * (q + kv) + q * m.hidden_size + m.hidden_size * mlp_in + m.ffn_size * m.hidden_size
-    biases = (q + kv) * (m.add_bias_linear or m.add_qkv_bias) + (m.hidden_size * 2 + mlp_in) * m.add_bias_linear
+    h = m.hidden_size
+    weights = h * (q + kv) + q * h + h * mlp_in + m.ffn_size * h
+    biases = (q + kv) * (m.add_bias_linear or m.add_qkv_bias) + (h * 2 + mlp_in) * m.add_bias_linear
     norms = 2 * m.hidden_size * (2 if m.normalization == "LayerNorm" else 1)
     return weights + biases + norms
 

@@ -100,6 +100,8 @@ class MetricsLogger:
 
 def _fmt(key: str, value) -> str:
     if isinstance(value, float):
+        if key.endswith("_per_s"):
+            return f"{key} {value:.0f}"
         if key == "lr":
             return f"{key} {value:.3e}"
         return f"{key} {value:.4f}" if abs(value) < 1e4 else f"{key} {value:.3e}"

@@ -79,7 +79,6 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device, started: float) -
         cfg.data, t, _tokenizer(cfg), cfg.data.cache_dir or str(run_dir / "data_cache")
     )
     order = gpt_dataset.BatchOrder(t.micro_batch_size, t.global_batch_size, engine.dp_rank, engine.dp_size)
-    microbatches = cfg.num_microbatches(world)
 
     start_step, source = 0, None
     if cfg.checkpoint.resume and ckpt.latest(cfg.checkpoint_dir) is not None:
@@ -91,35 +90,21 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device, started: float) -
         ckpt.load(source, engine.chunks)
 
     metrics = MetricsLogger(str(run_dir), cfg.logging, t.steps, enabled=rank == 0)
-    if rank == 0 and source is not None:
-        print(f"loaded {source} at step {start_step}", flush=True)
-    flops = flops_per_token(cfg.model, t.seq_length, cfg.model.padded_vocab_size(cfg.parallel.tp))
-    tokens_per_step = t.global_batch_size * t.seq_length
+    if rank == 0:
+        p = cfg.parallel
+        print(f"kiln pretrain: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size} | "
+              f"TP={p.tp} PP={p.pp}{f' VPP={p.vpp}' if p.vpp else ''} DP={engine.dp_size}"
+              f"{' +SP' if p.sequence_parallel else ''} on {world} {device.type} process(es) | "
+              f"{cfg.num_microbatches(world)} microbatches/step | {engine.precision}", flush=True)
+        if source is not None:
+            print(f"loaded {source} at step {start_step}", flush=True)
+    step_fn = StepRunner(cfg, engine, train_ds, valid_ds, order, metrics, device, world)
     last: dict = {}
     step = start_step
     try:
         while step < t.steps:
-            tic = time.perf_counter()
-            result = train_step(
-                engine, lambda: gpt_dataset.microbatches(train_ds, order, step, microbatches, device),
-                microbatches, t.seq_length, t.micro_batch_size, lm_forward_step,
-            )
-            seconds = time.perf_counter() - tic
+            last = step_fn(step)
             step += 1
-            metrics.check(step, result["loss"], result["grad_norm"])
-            record = {
-                "loss": result["loss"],
-                "lr": result["lr"],
-                "grad_norm": result["grad_norm"],
-                "tokens_per_s": tokens_per_step / seconds,
-                "s_per_step": seconds,
-            }
-            if device.type == "cuda":
-                record["tflops_per_gpu"] = flops * tokens_per_step / seconds / world / 1e12
-            if t.eval_interval and step % t.eval_interval == 0:
-                record["val_loss"] = _evaluate(cfg, engine, valid_ds, step // t.eval_interval, device, world)
-            metrics.log(step, record)
-            last = record
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step < t.steps:
                 _save(cfg, engine, step)
             if t.stop_after_steps is not None and step - start_step >= t.stop_after_steps:
@@ -134,19 +119,54 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device, started: float) -
     return summary
 
 
-def _evaluate(cfg, engine, valid_ds, round_index: int, device, world) -> float:
-    t = cfg.train
-    order = gpt_dataset.BatchOrder(t.micro_batch_size, t.global_batch_size, engine.dp_rank, engine.dp_size)
-    mb = cfg.num_microbatches(world)
-    totals = []
-    for i in range(t.eval_steps):
-        step_index = (round_index - 1) * t.eval_steps + i
-        result = eval_step(
-            engine, lambda: gpt_dataset.microbatches(valid_ds, order, step_index, mb, device),
-            mb, t.seq_length, t.micro_batch_size, lm_forward_step,
+class StepRunner:
+    """One training step as the loop runs it: data, forward/backward, optimizer, checks,
+    validation when due, logs. benchmarks/engine_overhead.py times exactly this against a
+    bare megatron-core loop."""
+
+    def __init__(self, cfg: PretrainConfig, engine, dataset, valid_dataset, order, metrics, device,
+                 world: int):
+        self.cfg, self.engine, self.dataset, self.order = cfg, engine, dataset, order
+        self.valid_dataset = valid_dataset
+        self.metrics, self.device, self.world = metrics, device, world
+        self.microbatches = cfg.num_microbatches(world)
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+        vocab = cfg.model.padded_vocab_size(cfg.parallel.tp)
+        self.flops = flops_per_token(cfg.model, cfg.train.seq_length, vocab)
+
+    def __call__(self, step: int) -> dict:
+        t = self.cfg.train
+        tic = time.perf_counter()
+        result = train_step(
+            self.engine,
+            lambda: gpt_dataset.microbatches(self.dataset, self.order, step, self.microbatches, self.device),
+            self.microbatches, t.seq_length, t.micro_batch_size, lm_forward_step,
         )
-        totals.append(result["loss"])
-    return sum(totals) / len(totals)
+        seconds = time.perf_counter() - tic
+        self.metrics.check(step + 1, result["loss"], result["grad_norm"])
+        record = {"loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
+                  "tokens_per_s": self.tokens_per_step / seconds, "s_per_step": seconds}
+        if self.device.type == "cuda":
+            record["tflops_per_gpu"] = self.flops * self.tokens_per_step / seconds / self.world / 1e12
+        if t.eval_interval and (step + 1) % t.eval_interval == 0:
+            record["val_loss"] = self.evaluate((step + 1) // t.eval_interval)
+        self.metrics.log(step + 1, record)
+        return record
+
+    def evaluate(self, round_index: int) -> float:
+        """Mean validation loss over eval_steps global batches; each round reads new samples."""
+        t = self.cfg.train
+        losses = []
+        for i in range(t.eval_steps):
+            index = (round_index - 1) * t.eval_steps + i
+            result = eval_step(
+                self.engine,
+                lambda index=index: gpt_dataset.microbatches(
+                    self.valid_dataset, self.order, index, self.microbatches, self.device),
+                self.microbatches, t.seq_length, t.micro_batch_size, lm_forward_step,
+            )
+            losses.append(result["loss"])
+        return sum(losses) / len(losses)
 
 
 def _save(cfg: PretrainConfig, engine, step: int) -> None:

@@ -28,7 +28,8 @@ def runs(demo_data, tmp_path_factory):
               "checkpoint.load_weights": str(init / "checkpoints")}
 
     def spec(name, layout):
-        return tiny_overrides(demo_data, root / name, **{k.replace(".", "__"): v for k, v in {**common, **layout}.items()})
+        fields = {**common, **layout}
+        return tiny_overrides(demo_data, root / name, **{k.replace(".", "__"): v for k, v in fields.items()})
 
     # the initial weights: one step of a single-process run, saved as a TP1 checkpoint
     launch(1, [

@@ -25,7 +25,8 @@ def runs(demo_data, tmp_path_factory):
     first = []
     for v in VARIANTS:
         first.append(spec(f"{v}_straight", v, **{"checkpoint.save_interval": "0"}))
-        first.append(spec(f"{v}_split", v, **{"checkpoint.save_interval": "10", "train.stop_after_steps": "10"}))
+        first.append(spec(f"{v}_split", v,
+                          **{"checkpoint.save_interval": "10", "train.stop_after_steps": "10"}))
     launch(2, first)
     # a new launch: nothing survives from the first processes but what the checkpoint holds
     launch(2, [spec(f"{v}_split", v, **{"checkpoint.resume": "true"}) for v in VARIANTS])
