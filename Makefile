@@ -23,6 +23,7 @@ demo: setup
 	$(KILN) pretrain --recipe tiny
 
 test: setup
+	$(VENV)/bin/ruff check kiln tests benchmarks
 	$(VENV)/bin/pytest -q
 
 bench: setup

@@ -18,8 +18,15 @@ import time
 import torch
 
 from kiln.cli import quiet_library_warnings
-from kiln.config import (DataConfig, LoggingConfig, OptimizerConfig, ParallelConfig, PretrainConfig,
-                         ScheduleConfig, TrainConfig)
+from kiln.config import (
+    DataConfig,
+    LoggingConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    PretrainConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
 from kiln.recipes.models import llama
 
 
@@ -40,8 +47,11 @@ class BareLoop:
     """A hand-written megatron-core loop: GPTModel, DDP, optimizer, schedule, nothing else."""
 
     def __init__(self, cfg: PretrainConfig, dataset, device):
-        from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                               finalize_model_grads)
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
         from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
