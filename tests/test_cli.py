@@ -29,9 +29,15 @@ def test_dryrun_prints_layout_and_memory_and_starts_nothing(tmp_path):
 
 def test_config_error_exits_2_with_the_fix(tmp_path):
     out = kiln("pretrain", "--recipe", "tiny", "--dryrun", "--nproc", "3", "parallel.tp=3",
-               "parallel.world_size=3")
+               "parallel.world_size=3", "model.vocab_size=1000")
     assert out.returncode == 2
     assert "model.num_attention_heads=4 is not divisible by parallel.tp=3" in out.stderr
+
+
+def test_missing_data_says_how_to_make_it(tmp_path):
+    out = kiln("pretrain", "--recipe", "tiny", "--dryrun", f"data.tokenizer={tmp_path}/none")
+    assert out.returncode == 2
+    assert "holds no tokenizer.json: run `kiln prepare` first" in out.stderr
 
 
 def test_tiny_pretrain_on_two_processes(demo_data, tmp_path):

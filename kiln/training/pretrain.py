@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from kiln.artifact import write_manifest
-from kiln.config import PretrainConfig
+from kiln.config import ConfigError, PretrainConfig
 from kiln.data import gpt_dataset
 from kiln.training import checkpoint as ckpt
 from kiln.training.distributed import (
@@ -34,6 +34,12 @@ def resolve(cfg: PretrainConfig) -> PretrainConfig:
     if cfg.model.vocab_size is None and cfg.data.tokenizer:
         from kiln.data.tokenizer import vocab_size
 
+        if not (Path(cfg.data.tokenizer) / "tokenizer.json").exists():
+            raise ConfigError(
+                f"data.tokenizer={cfg.data.tokenizer} holds no tokenizer.json: run `kiln prepare` first "
+                f"(for the tiny recipe: `make demo`, or kiln prepare --input data/demo/corpus.jsonl "
+                f"--output runs/demo/data), or point data.tokenizer at a tokenizer directory"
+            )
         cfg.model.vocab_size = vocab_size(cfg.data.tokenizer)
     return cfg
 
