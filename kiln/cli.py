@@ -75,8 +75,9 @@ def cmd_pretrain(args) -> int:
 
     validate(cfg, nproc)
     if _launched_by_scheduler() or nproc == 1:
-        stage.run(cfg)
-        return 0
+        from kiln.launch.worker import exit_code
+
+        return exit_code(stage.run(cfg))
     from kiln.launch import local
 
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)

@@ -142,6 +142,8 @@ class TrainConfig:
     eval_steps: int = 2
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     stop_after_steps: int | None = None  # end the process early (tests of resume)
+    # on these signals: finish the step, checkpoint, exit 75 so the job script requeues
+    preempt_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass

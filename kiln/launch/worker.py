@@ -12,6 +12,13 @@ import sys
 from kiln.stages import STAGES, load_config
 
 
+def exit_code(result) -> int:
+    """0, or EXIT_PREEMPTED when the stage stopped for a requeue."""
+    from kiln.training.preemption import EXIT_PREEMPTED
+
+    return EXIT_PREEMPTED if isinstance(result, dict) and "preempted_at" in result else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] not in STAGES:
@@ -21,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_library_warnings()
     stage = STAGES[argv[0]]
-    stage.run(load_config(stage, argv[1]))
-    return 0
+    result = stage.run(load_config(stage, argv[1]))
+    return exit_code(result)
 
 
 if __name__ == "__main__":  # dist_checkpointing's worker processes re-import __main__

@@ -25,6 +25,7 @@ from kiln.training.distributed import (
 )
 from kiln.training.engine import build_engine, eval_step, lm_forward_step, train_step
 from kiln.training.metrics import MetricsLogger, flops_per_token
+from kiln.training.preemption import EXIT_PREEMPTED, PreemptionHandler
 from kiln.training.validate import validate
 
 
@@ -105,12 +106,19 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device, started: float) -
         if source is not None:
             print(f"loaded {source} at step {start_step}", flush=True)
     step_fn = StepRunner(cfg, engine, train_ds, valid_ds, order, metrics, device, world)
+    preemption = PreemptionHandler(t.preempt_signals)
     last: dict = {}
     step = start_step
     try:
         while step < t.steps:
             last = step_fn(step)
             step += 1
+            if step < t.steps and preemption.should_stop(device):
+                _save(cfg, engine, step)
+                if rank == 0:
+                    print(f"{preemption.requested or 'a peer rank was signalled'}: saved step {step}, "
+                          f"exiting for requeue (exit code {EXIT_PREEMPTED})", flush=True)
+                return {"preempted_at": step}
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step < t.steps:
                 _save(cfg, engine, step)
             if t.stop_after_steps is not None and step - start_step >= t.stop_after_steps:
@@ -118,6 +126,7 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device, started: float) -
         if step > start_step or ckpt.latest(cfg.checkpoint_dir) is None:
             _save(cfg, engine, step)
     finally:
+        preemption.restore()
         metrics.close()
     summary = {"steps": step, "final": last, "checkpoint": str(Path(cfg.checkpoint_dir) / ckpt.name(step))}
     if rank == 0:
