@@ -10,7 +10,6 @@ import argparse
 import os
 import sys
 import warnings
-from pathlib import Path
 
 from kiln.config import ConfigError
 
@@ -53,35 +52,79 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Stage overrides and `launch.*` overrides (which configure the executor)."""
+    launch = [i[len("launch."):] for i in items if i.startswith("launch.")]
+    return [i for i in items if not i.startswith("launch.")], launch
+
+
+def launch_config(args, launch_overrides: list[str]):
+    from kiln import overrides
+    from kiln.launch.config import LaunchConfig
+    from kiln.launch.sites import load_site
+
+    launch = load_site(args.site) if args.site else LaunchConfig()
+    if args.executor:
+        launch.executor = args.executor
+    overrides.apply(launch, launch_overrides)
+    return launch
+
+
+def run_or_launch(stage_name: str, cfg, args, launch_overrides: list[str], nproc: int, describe=None) -> int:
+    """Run in this process (world size 1, or already a rank under torchrun/srun), else launch
+    through NeMo-Run on the chosen executor. Validation always happens here, first."""
+    from kiln.launch import executors, submit
+    from kiln.launch.task import run_stage
+    from kiln.stages import STAGES
+
+    stage = STAGES[stage_name]
+    launch = launch_config(args, launch_overrides)
+    world = executors.world_size(launch, nproc) if stage.distributed else 1
+    stage.validate(cfg, world)
+    if launch.executor == "slurm" and hasattr(cfg, "checkpoint"):
+        cfg.checkpoint.resume = True  # a requeued job must continue, not restart
+    if args.dryrun:
+        if describe is not None:
+            print(describe(cfg, world))
+        if launch.executor != "local" or world > 1:
+            print(submit.render(f"kiln-{stage_name}", [submit.Task(stage_name, cfg, world)], launch))
+        return 0
+    if launch.executor == "local" and (world == 1 or _launched_by_scheduler()):
+        run_stage(cfg)  # exits 75 itself when preempted
+        return 0
+    result = submit.submit(f"kiln-{stage_name}", [submit.Task(stage_name, cfg, world)], launch,
+                           detach=args.detach)
+    if args.detach:
+        print(f"submitted experiment {result.experiment_id} ({result.experiment_dir})")
+        return 0
+    print(f"experiment {result.experiment_id}: {result.states}")
+    return 0 if result.ok else 1
+
+
 def cmd_pretrain(args) -> int:
     from kiln import overrides
     from kiln.stages import STAGES, load_config
-
-    stage = STAGES["pretrain"]
-    cfg = load_config(stage, args.config) if args.config else _recipe(args.recipe)
-    overrides.apply(cfg, args.overrides)
-    if args.resume:
-        cfg.checkpoint.resume = True
+    from kiln.training.dryrun import describe
     from kiln.training.pretrain import resolve
 
+    stage_overrides, launch_overrides = _split_overrides(args.overrides)
+    cfg = load_config(STAGES["pretrain"], args.config) if args.config else _recipe(args.recipe)
+    overrides.apply(cfg, stage_overrides)
+    if args.resume:
+        cfg.checkpoint.resume = True
     cfg = resolve(cfg)
     nproc = args.nproc or cfg.parallel.world_size or cfg.parallel.tp * cfg.parallel.pp
-    if args.dryrun:
-        from kiln.training.dryrun import describe
+    return run_or_launch("pretrain", cfg, args, launch_overrides, nproc,
+                         describe=describe if args.dryrun else None)
 
-        print(describe(cfg, nproc))
-        return 0
-    from kiln.training.validate import validate
 
-    validate(cfg, nproc)
-    if _launched_by_scheduler() or nproc == 1:
-        from kiln.launch.worker import exit_code
-
-        return exit_code(stage.run(cfg))
-    from kiln.launch import local
-
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    return local.run(stage, cfg, nproc, Path(cfg.run_dir) / "config.yaml")
+def add_launch_args(parser) -> None:
+    parser.add_argument("--executor", choices=["local", "slurm", "docker"],
+                        help="where to run (default: local, or the site profile's)")
+    parser.add_argument("--site", help="a site profile in slurm/sites/ (or a YAML path)")
+    parser.add_argument("--detach", action="store_true", help="submit and return (slurm, docker)")
+    parser.add_argument("--dryrun", action="store_true",
+                        help="validate, print what would run (config, layout, sbatch script); start nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--config", help="a saved config.yaml instead of a recipe")
     p.add_argument("--nproc", type=int, help="local processes (default: parallel.world_size, else TPxPP)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    p.add_argument("--dryrun", action="store_true", help="print config, layout and memory; start nothing")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 train.steps=100")
+    add_launch_args(p)
+    p.add_argument("overrides", nargs="*",
+                   help="dotted overrides, e.g. parallel.tp=2 train.steps=100 launch.slurm.nodes=8")
     p.set_defaults(func=cmd_pretrain)
     return parser
 
@@ -120,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kiln: config error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
+        from kiln.launch.slurm import SlurmError
         from kiln.training.checkpoint import CheckpointError
         from kiln.training.metrics import Divergence
 
-        if not isinstance(exc, (Divergence, CheckpointError)):
+        if not isinstance(exc, (Divergence, CheckpointError, SlurmError)):
             raise
         print(f"kiln: {exc}", file=sys.stderr)
         return 1

@@ -22,17 +22,27 @@ class Stage:
     config_cls: type
     entry: str  # "module:function" taking the config; imported lazily (megatron-core is heavy)
     distributed: bool  # runs one process per rank under torchrun/srun
+    validator: str | None = None  # "module:function(cfg, world_size)", run before any launch
 
     def run(self, cfg):
-        module, func = self.entry.split(":")
-        return getattr(importlib.import_module(module), func)(cfg)
+        return _load(self.entry)(cfg)
+
+    def validate(self, cfg, world_size: int) -> None:
+        if self.validator:
+            _load(self.validator)(cfg, world_size)
+
+
+def _load(target: str):
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
 
 
 STAGES = {
     s.name: s
     for s in (
         Stage("prepare", PrepareConfig, "kiln.data.prepare:prepare", distributed=False),
-        Stage("pretrain", PretrainConfig, "kiln.training.pretrain:pretrain", distributed=True),
+        Stage("pretrain", PretrainConfig, "kiln.training.pretrain:pretrain", distributed=True,
+              validator="kiln.training.validate:validate"),
     )
 }
 
