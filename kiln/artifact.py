@@ -76,12 +76,16 @@ def write_manifest(
     inputs: list[str | os.PathLike],
     summary: dict,
     started: float,
+    request: Any = None,
 ) -> dict:
-    """Write `kiln.json` into `directory` (atomically) and return it."""
+    """Write `kiln.json` into `directory` (atomically) and return it. `request` is the config as
+    given, when the stage resolved it further (the pipeline compares requests to skip reruns)."""
+    as_dict = lambda c: dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c  # noqa: E731
     manifest = {
         "stage": stage,
         "kiln_version": kiln.__version__,
-        "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config,
+        "config": as_dict(config),
+        "request": as_dict(request if request is not None else config),
         "inputs": [{"path": str(Path(p).resolve()), "digest": digest(p)} for p in inputs],
         "summary": summary,
         "started": _iso(started),

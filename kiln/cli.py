@@ -118,6 +118,20 @@ def cmd_pretrain(args) -> int:
                          describe=describe if args.dryrun else None)
 
 
+def cmd_pipeline(args) -> int:
+    from kiln import pipeline as pl
+    from kiln.recipes.pipeline import RECIPES
+
+    if args.recipe not in RECIPES:
+        raise ConfigError(f"pipeline recipe {args.recipe!r} is unknown; choose one of {', '.join(RECIPES)}")
+    stage_overrides, launch_overrides = _split_overrides(args.overrides)
+    pipeline = pl.with_overrides(RECIPES[args.recipe](), stage_overrides)
+    if args.action == "status":
+        print(pl.status_table(pipeline))
+        return 0
+    return pl.run(pipeline, launch_config(args, launch_overrides), dryrun=args.dryrun, detach=args.detach)
+
+
 def add_launch_args(parser) -> None:
     parser.add_argument("--executor", choices=["local", "slurm", "docker"],
                         help="where to run (default: local, or the site profile's)")
@@ -152,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*",
                    help="dotted overrides, e.g. parallel.tp=2 train.steps=100 launch.slurm.nodes=8")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("pipeline", help="run a pipeline recipe's stages as one experiment, or show them")
+    p.add_argument("action", choices=["run", "status"])
+    p.add_argument("recipe", nargs="?", default="tiny")
+    add_launch_args(p)
+    p.add_argument("overrides", nargs="*", help="stage.field=value, e.g. pretrain.train.steps=100")
+    p.set_defaults(func=cmd_pipeline)
     return parser
 
 

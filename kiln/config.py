@@ -17,6 +17,16 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the field, the values and a fix."""
 
 
+class StageConfig:
+    """Base of every stage's config: `cfg.to_partial()` is the stage as a NeMo-Run task,
+    ready for `run.run(..., executor=...)` or `run.Experiment.add`."""
+
+    def to_partial(self):
+        from kiln.launch.task import to_partial
+
+        return to_partial(self)
+
+
 @dataclass
 class RopeScaling:
     """Llama 3.1-style RoPE frequency scaling (megatron-core `rope_scaling`)."""
@@ -164,7 +174,7 @@ class LoggingConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(StageConfig):
     run_dir: str = "runs/pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -185,7 +195,7 @@ class PretrainConfig:
 
 
 @dataclass
-class PrepareConfig:
+class PrepareConfig(StageConfig):
     """`kiln prepare`: JSONL text -> Megatron indexed dataset (.bin/.idx) + tokenizer directory."""
 
     inputs: list = field(default_factory=list)  # JSONL files (.jsonl, .jsonl.gz)

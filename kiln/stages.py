@@ -22,10 +22,14 @@ class Stage:
     config_cls: type
     entry: str  # "module:function" taking the config; imported lazily (megatron-core is heavy)
     distributed: bool  # runs one process per rank under torchrun/srun
+    artifact: str = "output_dir"  # the config field naming the directory the stage writes
     validator: str | None = None  # "module:function(cfg, world_size)", run before any launch
 
     def run(self, cfg):
         return _load(self.entry)(cfg)
+
+    def artifact_dir(self, cfg) -> str:
+        return getattr(cfg, self.artifact)
 
     def validate(self, cfg, world_size: int) -> None:
         if self.validator:
@@ -42,7 +46,7 @@ STAGES = {
     for s in (
         Stage("prepare", PrepareConfig, "kiln.data.prepare:prepare", distributed=False),
         Stage("pretrain", PretrainConfig, "kiln.training.pretrain:pretrain", distributed=True,
-              validator="kiln.training.validate:validate"),
+              artifact="run_dir", validator="kiln.training.validate:validate"),
     )
 }
 

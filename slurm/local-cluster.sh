@@ -40,6 +40,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
+SchedulerParameters=kill_invalid_depend
 ReturnToService=2
 JobRequeue=1
 KillWait=30
@@ -52,6 +53,7 @@ CONF
 
 start_munge() {
   if pid_alive "$DIR/munged.pid"; then return; fi
+  if pgrep -x munged >/dev/null; then return; fi  # one munged serves every cluster on this host
   mkdir -p /run/munge /var/log/munge /var/lib/munge /etc/munge
   [ -s /etc/munge/munge.key ] || { dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none; }
   chown munge:munge /run/munge /var/log/munge /var/lib/munge /etc/munge/munge.key

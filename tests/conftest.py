@@ -15,6 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS_SCRIPT = Path(__file__).parent / "training" / "run_configs.py"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def nemorun_home(tmp_path_factory) -> Path:
+    """NeMo-Run experiments of this session land in a temp dir, not ~/.nemo_run."""
+    home = tmp_path_factory.mktemp("nemorun")
+    os.environ["NEMORUN_HOME"] = str(home)
+    return home
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The shipped demo corpus, tokenized once per session with a BPE trained on it."""

@@ -40,7 +40,7 @@ def test_missing_data_says_how_to_make_it(tmp_path):
     assert "holds no tokenizer.json: run `kiln prepare` first" in out.stderr
 
 
-def test_tiny_pretrain_on_two_processes(demo_data, tmp_path):
+def test_tiny_pretrain_on_two_processes(demo_data, tmp_path, nemorun_home):
     run = tmp_path / "run"
     args = tiny_overrides(demo_data, run, train__steps="12", logging__tensorboard="true",
                           logging__log_interval="4", checkpoint__save_interval="6")
@@ -59,7 +59,8 @@ def test_tiny_pretrain_on_two_processes(demo_data, tmp_path):
     assert manifest["config"]["parallel"]["tp"] == 2
     assert {i["path"].rsplit("/", 1)[-1] for i in manifest["inputs"]} >= {
         "corpus_text_document.bin", "corpus_text_document.idx", "tokenizer.json"}
-    assert (run / "config.yaml").exists()
+    saved = list(nemorun_home.glob("experiments/kiln-pretrain/*/pretrain.yaml"))
+    assert saved and "tp: 2" in saved[-1].read_text()
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(demo_data, tmp_path):

@@ -28,14 +28,14 @@ def world_size(launch: LaunchConfig, nproc: int) -> int:
     return nproc
 
 
-def build(launch: LaunchConfig, nproc: int):
+def build(launch: LaunchConfig, nproc: int, dryrun: bool = False):
     check_names(launch.secrets, launch.env)
     if launch.executor == "local":
         return local(launch, nproc)
     if launch.executor == "slurm":
         return slurm(launch)
     if launch.executor == "docker":
-        return docker(launch, nproc)
+        return docker(launch, nproc, dryrun)
     raise ConfigError(f"launch.executor={launch.executor!r}: choose local, slurm or docker")
 
 
@@ -100,7 +100,7 @@ def slurm(launch: LaunchConfig):
     )
 
 
-def docker(launch: LaunchConfig, nproc: int):
+def docker(launch: LaunchConfig, nproc: int, dryrun: bool = False):
     import nemo_run as run
 
     d = launch.docker
@@ -108,7 +108,8 @@ def docker(launch: LaunchConfig, nproc: int):
     env = dict(launch.env)
     secrets = present(launch.secrets)
     if secrets:
-        volumes.append(f"{write_secrets_file(launch, secrets)}:{SECRETS_FILE_IN_CONTAINER}:ro")
+        host_file = "<secrets file written at launch>" if dryrun else write_secrets_file(launch, secrets)
+        volumes.append(f"{host_file}:{SECRETS_FILE_IN_CONTAINER}:ro")
         env["KILN_SECRETS_FILE"] = SECRETS_FILE_IN_CONTAINER
     return run.DockerExecutor(
         container_image=d.image,

@@ -43,10 +43,10 @@ def _experiment(title: str, launch: LaunchConfig):
     return run.Experiment(title, base_dir=str(home), enable_goodbye_message=False, log_level="WARN")
 
 
-def _add_all(exp, tasks: list[Task], launch: LaunchConfig) -> dict[str, str]:
+def _add_all(exp, tasks: list[Task], launch: LaunchConfig, dryrun: bool = False) -> dict[str, str]:
     ids: dict[str, str] = {}
     for task in tasks:
-        executor = executors.build(launch, task.nproc)
+        executor = executors.build(launch, task.nproc, dryrun)
         ids[task.name] = exp.add(to_partial(task.cfg), executor=executor, name=task.name,
                                  dependencies=[ids[a] for a in task.after] or None)
     return ids
@@ -56,7 +56,7 @@ def render(title: str, tasks: list[Task], launch: LaunchConfig) -> str:
     """The exact sbatch scripts / docker requests / commands, with secrets scrubbed."""
     exp = _experiment(title, launch)
     with exp:
-        _add_all(exp, tasks, launch)
+        _add_all(exp, tasks, launch, dryrun=True)
         exp.dryrun(log=False, delete_exp_dir=True)
         parts = []
         for job in exp.jobs:
@@ -76,7 +76,7 @@ def submit(title: str, tasks: list[Task], launch: LaunchConfig, detach: bool = F
         _add_all(exp, tasks, launch)
         # Slurm jobs are always submitted detached and then watched with scontrol: NeMo-Run's own
         # wait needs sacct, which clusters without accounting storage lack
-        exp.run(sequential=not on_slurm, detach=detach or on_slurm, tail_logs=tail_logs and not on_slurm)
+        exp.run(detach=detach or on_slurm, tail_logs=tail_logs and not on_slurm)
         exp_dir = Path(exp._exp_dir)  # NeMo-Run creates it when the run starts
         for task in tasks:
             dump_config(task.cfg, exp_dir / f"{task.name}.yaml")

@@ -30,7 +30,8 @@ class Divergence(RuntimeError):
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, cfg: LoggingConfig, total_steps: int, enabled: bool):
+    def __init__(self, run_dir: str, cfg: LoggingConfig, total_steps: int, enabled: bool,
+                 resumed: bool = True):
         self.cfg = cfg
         self.enabled = enabled
         self.recent = deque(maxlen=20)
@@ -38,7 +39,8 @@ class MetricsLogger:
         if not enabled:
             return
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+        # a resumed run continues the file; a new run in an old directory starts it afresh
+        self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a" if resumed else "w", buffering=1)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

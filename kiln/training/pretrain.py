@@ -64,6 +64,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """Train; returns the summary written to the run's kiln.json (on every rank)."""
     started = time.time()
     penv = process_env()
+    request = copy.deepcopy(cfg)
     cfg = resolve(cfg)
     validate(cfg, penv.world_size)
     if not torch.cuda.is_available():
@@ -73,12 +74,13 @@ def pretrain(cfg: PretrainConfig) -> dict:
     device = init_process_group(penv)
     init_model_parallel(cfg.parallel, cfg.train.seed)
     try:
-        return _train(cfg, penv.rank, penv.world_size, device, started)
+        return _train(cfg, penv.rank, penv.world_size, device, started, request)
     finally:
         destroy_model_parallel()
 
 
-def _train(cfg: PretrainConfig, rank: int, world: int, device, started: float) -> dict:
+def _train(cfg: PretrainConfig, rank: int, world: int, device, started: float,
+           request: PretrainConfig) -> dict:
     t = cfg.train
     engine = build_engine(cfg, device)
     run_dir = Path(cfg.run_dir)
@@ -96,7 +98,7 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device, started: float) -
         source = ckpt.resolve(cfg.checkpoint.load_weights)
         ckpt.load(source, engine.chunks)
 
-    metrics = MetricsLogger(str(run_dir), cfg.logging, t.steps, enabled=rank == 0)
+    metrics = MetricsLogger(str(run_dir), cfg.logging, t.steps, enabled=rank == 0, resumed=start_step > 0)
     if rank == 0:
         p = cfg.parallel
         print(f"kiln pretrain: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size} | "
@@ -130,7 +132,7 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device, started: float) -
         metrics.close()
     summary = {"steps": step, "final": last, "checkpoint": str(Path(cfg.checkpoint_dir) / ckpt.name(step))}
     if rank == 0:
-        write_manifest(run_dir, "pretrain", cfg, [p for p in _input_files(cfg)], summary, started)
+        write_manifest(run_dir, "pretrain", cfg, _input_files(cfg), summary, started, request=request)
     return summary
 
 

@@ -29,7 +29,8 @@ def test_signal_checkpoints_and_resume_matches_straight_run(demo_data, tmp_path)
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
         time.sleep(0.2)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if "kiln.launch.worker" in p.cmdline() and "torch.distributed.run" not in p.cmdline()]
+               if "nemo_run.core.runners.fdl_runner" in p.cmdline()
+               and not any("torchrun" in part or "torch.distributed.run" in part for part in p.cmdline())]
     assert len(workers) == 2
     workers[-1].send_signal(signal.SIGUSR1)  # one rank only: the others must still stop with it
     output = proc.communicate(timeout=300)[0]

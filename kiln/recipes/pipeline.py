@@ -1,0 +1,24 @@
+"""Pipeline recipes: the stages of a run, each pointed at the artifacts of the one before."""
+
+from __future__ import annotations
+
+from kiln.config import PrepareConfig
+from kiln.pipeline import PipelineConfig
+from kiln.recipes import pretrain
+
+
+def tiny(root: str = "runs/pipeline-tiny") -> PipelineConfig:
+    """The shipped demo corpus -> tokenized dataset -> the tiny Llama, on CPU in minutes."""
+    data = f"{root}/data"
+    model = pretrain.tiny()
+    model.run_dir = f"{root}/pretrain"
+    model.data.blend = [f"{data}/corpus_text_document"]
+    model.data.tokenizer = f"{data}/tokenizer"
+    return PipelineConfig(
+        name="tiny",
+        prepare=PrepareConfig(inputs=["data/demo/corpus.jsonl"], output_dir=data, vocab_size=2048),
+        pretrain=model,
+    )
+
+
+RECIPES = {"tiny": tiny}
