@@ -67,9 +67,14 @@ def job_id(handle: str) -> str:
 
 
 def state(job: str) -> str:
-    """JobState from scontrol (works without accounting storage, unlike sacct)."""
-    out = subprocess.run(["scontrol", "show", "job", job, "-o"], capture_output=True, text=True)
-    match = re.search(r"\bJobState=(\S+)", out.stdout)
+    """JobState from scontrol (works without accounting storage, unlike sacct). A job whose
+    dependency failed is cancelled here: clusters without kill_invalid_depend keep it pending
+    forever, and a failed stage must stop its dependants."""
+    out = subprocess.run(["scontrol", "show", "job", job, "-o"], capture_output=True, text=True).stdout
+    match = re.search(r"\bJobState=(\S+)", out)
+    if match and match.group(1) == "PENDING" and "Reason=DependencyNeverSatisfied" in out:
+        subprocess.run(["scancel", job], capture_output=True)
+        return "CANCELLED"
     return match.group(1) if match else "UNKNOWN"
 
 

@@ -1,0 +1,138 @@
+"""kiln's Slurm executor against a real single-node cluster (slurmctld + slurmd + munge on this
+machine, started by slurm/local-cluster.sh): jobs under srun, preemption and requeue, dependent
+stages, and the errors a user meets first."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from kiln.launch import slurm, submit
+from kiln.launch.config import LaunchConfig
+from kiln.recipes.pretrain import tiny
+from tests.conftest import ROOT, read_metrics, tiny_overrides
+
+CLUSTER = ROOT / "slurm" / "local-cluster.sh"
+STEPS = 24
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("slurmctld") or not shutil.which("munged"),
+    reason="needs root and Debian's slurm-wlm and munge (.ci/run installs them)",
+)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "KILN_SLURM_DIR": str(state), "KILN_SLURMCTLD_PORT": "16817",
+           "KILN_SLURMD_PORT": "16818"}
+    out = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    yield state
+    subprocess.run(["bash", str(CLUSTER), "stop"], env=env, timeout=60)
+    os.environ.pop("SLURM_CONF", None)
+
+
+def launch_config() -> LaunchConfig:
+    launch = LaunchConfig(executor="slurm")
+    launch.slurm.partition = "debug"
+    launch.slurm.tasks_per_node = 2
+    launch.slurm.time = "00:20:00"
+    return launch
+
+
+def tiny_cfg(demo_data, run_dir, **extra):
+    from kiln import overrides
+    from kiln.training.pretrain import resolve
+
+    cfg = tiny()
+    overrides.apply(cfg, tiny_overrides(demo_data, run_dir, train__steps=str(STEPS), **extra))
+    cfg.checkpoint.resume = True  # what the launcher sets for every Slurm job
+    return resolve(cfg)
+
+
+@pytest.fixture(scope="module")
+def straight(cluster, demo_data, tmp_path_factory):
+    """An uninterrupted tiny run under srun: 2 tasks, torch.distributed from Slurm's variables."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    result = submit.submit("kiln-test", [submit.Task("pretrain", tiny_cfg(demo_data, run_dir), 2)],
+                           launch_config())
+    return result, run_dir
+
+
+def test_pretrain_under_srun(straight):
+    result, run_dir = straight
+    assert result.states == {"pretrain": "SUCCEEDED"}, result
+    metrics = read_metrics(run_dir)
+    assert sorted(metrics) == list(range(1, STEPS + 1))
+    log = next(result.experiment_dir.glob("pretrain/log-*.out")).read_text()
+    assert "TP=2 PP=1 DP=1 on 2 cpu process(es)" in log  # torch.distributed from SLURM_PROCID/NTASKS
+
+
+def test_signal_checkpoints_requeues_and_resumes_exactly(straight, demo_data, tmp_path):
+    preempted = tmp_path / "preempted"
+    launch = launch_config()
+    result = submit.submit("kiln-test", [submit.Task("pretrain", tiny_cfg(demo_data, preempted), 2)], launch,
+                           detach=True)
+    job = result.slurm_jobs["pretrain"]
+    deadline = time.time() + 300
+    while not (preempted / "metrics.jsonl").exists() or len(read_metrics(preempted)) < 3:
+        assert time.time() < deadline and slurm.state(job) in ("PENDING", "RUNNING"), slurm.state(job)
+        time.sleep(0.3)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    while _restarts(job) == 0:
+        assert time.time() < deadline
+        time.sleep(0.5)
+    # Slurm holds a requeued job for a fixed 2 minutes (BeginTime); release it now
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    final = slurm.wait({"pretrain": job}, on_change=lambda _: None)
+    assert final == {"pretrain": "COMPLETED"}
+    a, b = read_metrics(straight[1]), read_metrics(preempted)
+    assert sorted(b) == list(range(1, STEPS + 1))
+    assert all(a[s]["loss"] == b[s]["loss"] for s in a)
+    saved = sorted(p.name for p in (preempted / "checkpoints").glob("iter_*"))
+    assert saved[0] != f"iter_{STEPS:07d}"  # the preemption checkpoint, then the final one
+
+
+def _restarts(job: str) -> int:
+    out = subprocess.run(["scontrol", "show", "job", job, "-o"], capture_output=True, text=True).stdout
+    return int(out.split("Restarts=")[1].split()[0]) if "Restarts=" in out else 0
+
+
+def test_failing_stage_stops_its_dependants(cluster, demo_data, tmp_path):
+    from kiln.config import PrepareConfig
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{broken\n')
+    prepare = PrepareConfig(inputs=[str(bad)], output_dir=str(tmp_path / "data"))
+    pretrain = tiny_cfg(demo_data, tmp_path / "run")
+    tasks = [submit.Task("prepare", prepare, 1), submit.Task("pretrain", pretrain, 2, after=["prepare"])]
+    result = submit.submit("kiln-test", tasks, launch_config())
+    assert result.states["prepare"] == "FAILED"
+    assert result.states["pretrain"] == "CANCELLED"  # afterok can never be satisfied
+    assert not (tmp_path / "run").exists()
+    log = next(result.experiment_dir.glob("prepare/log-*.out")).read_text()
+    assert "bad.jsonl:2: not valid JSON" in log
+
+
+def test_unknown_partition_is_named(cluster, demo_data, tmp_path):
+    launch = launch_config()
+    launch.slurm.partition = "gpu-h100"
+    with pytest.raises(slurm.SlurmError, match="launch.slurm.partition=gpu-h100 does not exist on this "
+                                               "cluster; partitions: debug"):
+        submit.submit("kiln-test", [submit.Task("pretrain", tiny_cfg(demo_data, tmp_path), 2)], launch)
+
+
+def test_unreachable_controller_is_named(cluster, demo_data, tmp_path, monkeypatch):
+    conf = Path(os.environ["SLURM_CONF"]).read_text().replace("SlurmctldPort=16817", "SlurmctldPort=16999")
+    (tmp_path / "slurm.conf").write_text(conf)
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))
+    with pytest.raises(slurm.SlurmError, match="cannot reach the Slurm controller"):
+        submit.submit("kiln-test", [submit.Task("pretrain", tiny_cfg(demo_data, tmp_path / "r"), 2)],
+                      launch_config())
