@@ -31,7 +31,8 @@ def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("slurm")
     env = {**os.environ, "KILN_SLURM_DIR": str(state), "KILN_SLURMCTLD_PORT": "16817",
            "KILN_SLURMD_PORT": "16818"}
-    out = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     os.environ["SLURM_CONF"] = str(state / "slurm.conf")
     yield state
