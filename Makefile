@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(KILN) prepare --input data/demo/corpus.jsonl --output runs/demo/data --vocab-size 2048
-	$(KILN) pretrain --recipe tiny
+	$(KILN) pipeline run tiny
+	$(KILN) pipeline status tiny
 
 test: setup
 	$(VENV)/bin/ruff check kiln tests benchmarks

@@ -59,17 +59,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, configs: list[list[str]], timeout: int = 600) -> str:
-    """Run each override list through `pretrain` in one torchrun launch of `nproc` ranks."""
+def launch(nproc: int, configs: list[list[str]], timeout: int = 600, recipe: str = "tiny") -> str:
+    """Run each override list on `recipe` through `pretrain`, in one torchrun launch of `nproc` ranks."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           str(RUNS_SCRIPT), json.dumps(configs)]
+           str(RUNS_SCRIPT), recipe, json.dumps(configs)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise AssertionError(
             f"launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc.stdout
+
+
+LOSSES = Path(__file__).parent / "assets" / "losses"
+
+
+def check_loss_curve(name: str, metrics: dict[int, dict], tolerance: float) -> None:
+    """Compare a run's per-step losses with the reference curve tests/assets/losses/<name>.json.
+    Regenerate after an intended numerical change with KILN_UPDATE_GOLDEN=1."""
+    path = LOSSES / f"{name}.json"
+    curve = {str(step): record["loss"] for step, record in sorted(metrics.items())}
+    if os.environ.get("KILN_UPDATE_GOLDEN"):
+        path.write_text(json.dumps(curve, indent=1) + "\n")
+    reference = json.loads(path.read_text())
+    assert curve.keys() == reference.keys(), f"{name}: steps differ from the reference curve"
+    worst = max(abs(curve[s] - reference[s]) for s in reference)
+    assert worst <= tolerance, f"{name}: loss deviates by {worst:.2e} from {path} (tolerance {tolerance})"
 
 
 def read_metrics(run_dir: Path) -> dict[int, dict]:

@@ -40,6 +40,19 @@ def tiny() -> PretrainConfig:
     )
 
 
+def smoke() -> PretrainConfig:
+    """CI smoke run: `tiny` for 20 steps with fixed numerics, compared against the reference loss
+    curve in tests/assets/losses/pretrain_smoke.json (CPU, fp32). On one GPU it finishes in
+    seconds; its bf16 curve is not compared."""
+    cfg = tiny()
+    cfg.run_dir = "runs/smoke"
+    cfg.train.steps = 20
+    cfg.train.eval_interval = 10
+    cfg.checkpoint.save_interval = 0
+    cfg.logging.log_interval = 5
+    return cfg
+
+
 def gpt2_124m() -> PretrainConfig:
     """GPT-2 small on one 8-GPU node: pure data parallelism, the model fits one GPU."""
     return PretrainConfig(
@@ -90,4 +103,4 @@ def llama3_70b() -> PretrainConfig:
     )
 
 
-RECIPES = {f.__name__: f for f in (tiny, gpt2_124m, llama3_8b, llama3_70b)}
+RECIPES = {f.__name__: f for f in (tiny, smoke, gpt2_124m, llama3_8b, llama3_70b)}

@@ -1,7 +1,7 @@
 """Runs several tiny-recipe configs, one after another, in one torchrun launch.
 
 Each process pays ~10 s importing megatron-core, so tests group their runs here.
-Usage: python -m torch.distributed.run ... run_configs.py '[["field=value", ...], ...]'
+Usage: python -m torch.distributed.run ... run_configs.py RECIPE '[["field=value", ...], ...]'
 """
 
 import json
@@ -9,14 +9,15 @@ import sys
 
 from kiln import overrides
 from kiln.cli import quiet_library_warnings
-from kiln.recipes.pretrain import tiny
+from kiln.recipes.pretrain import RECIPES
 from kiln.training.pretrain import pretrain
 
 
 def main() -> None:
     quiet_library_warnings()
-    for spec in json.loads(sys.argv[1]):
-        cfg = tiny()
+    recipe = RECIPES[sys.argv[1]]
+    for spec in json.loads(sys.argv[2]):
+        cfg = recipe()
         overrides.apply(cfg, spec)
         pretrain(cfg)
 

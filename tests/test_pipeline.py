@@ -1,0 +1,58 @@
+"""`kiln pipeline`: stages chained as one experiment; unchanged stages are skipped, a stage whose
+config or input changed reruns, and so does everything after it."""
+
+from __future__ import annotations
+
+import shutil
+
+from kiln import pipeline as pl
+from kiln.launch.config import LaunchConfig
+from kiln.recipes.pipeline import tiny
+from tests.conftest import ROOT, read_metrics
+
+
+def make(root, corpus, steps=3):
+    p = tiny(root=str(root))
+    p.prepare.inputs = [str(corpus)]
+    p.pretrain.parallel.tp = 1
+    p.pretrain.parallel.world_size = None
+    p.pretrain.train.steps = steps
+    p.pretrain.train.eval_interval = 0
+    p.pretrain.logging.tensorboard = False
+    p.pretrain.schedule.warmup_steps = 1
+    return p
+
+
+def statuses(p):
+    return {s.name: s.status for s in pl.plan(p)}
+
+
+def test_rerun_skips_fresh_stages_and_reruns_changed_ones(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    shutil.copy(ROOT / "data/demo/corpus.jsonl", corpus)
+    root, launch = tmp_path / "pipe", LaunchConfig(experiments_dir=str(tmp_path / "home"))
+    lines = []
+
+    assert pl.run(make(root, corpus), launch, echo=lines.append) == 0
+    assert sorted(read_metrics(root / "pretrain")) == [1, 2, 3]
+    assert statuses(make(root, corpus)) == {"prepare": "fresh", "pretrain": "fresh"}
+    lines.clear()
+    assert pl.run(make(root, corpus), launch, echo=lines.append) == 0
+    assert lines[-1] == "every stage is fresh: nothing to run"
+
+    # a pretraining change reruns pretraining only
+    assert statuses(make(root, corpus, steps=4)) == {"prepare": "fresh", "pretrain": "config changed"}
+    assert pl.run(make(root, corpus, steps=4), launch, echo=lines.append) == 0
+    assert sorted(read_metrics(root / "pretrain")) == [1, 2, 3, 4]
+    assert list(tmp_path.glob("pipe/pretrain.stale-*"))  # the old run was moved aside, not mixed in
+
+    # an input change reruns its stage and everything after it
+    with open(corpus, "a") as f:
+        f.write('{"text": "One more story about the kiln yard."}\n')
+    assert statuses(make(root, corpus, steps=4)) == {
+        "prepare": f"input changed: {corpus}", "pretrain": "upstream reruns"}
+    assert pl.run(make(root, corpus, steps=4), launch, echo=lines.append) == 0
+    assert statuses(make(root, corpus, steps=4)) == {"prepare": "fresh", "pretrain": "fresh"}
+
+    table = pl.status_table(make(root, corpus, steps=4))
+    assert "501 documents" in table and "4 steps, final loss" in table
