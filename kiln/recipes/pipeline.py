@@ -7,7 +7,7 @@ from kiln.pipeline import PipelineConfig
 from kiln.recipes import pretrain
 
 
-def tiny(root: str = "runs/pipeline-tiny") -> PipelineConfig:
+def tiny(root: str = "runs/demo") -> PipelineConfig:
     """The shipped demo corpus -> tokenized dataset -> the tiny Llama, on CPU in minutes."""
     data = f"{root}/data"
     model = pretrain.tiny()
