@@ -178,7 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_library_warnings()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may come before, between and after options: collect the strays argparse left
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -16,6 +16,17 @@ RUNS_SCRIPT = Path(__file__).parent / "training" / "run_configs.py"
 
 
 @pytest.fixture(scope="session", autouse=True)
+def readable_stdin():
+    """NeMo-Run runs shell commands through invoke, which reads stdin; pytest's captured stdin
+    refuses reads, so give it an empty one."""
+    saved = sys.stdin
+    with open(os.devnull) as devnull:
+        sys.stdin = devnull
+        yield
+    sys.stdin = saved
+
+
+@pytest.fixture(scope="session", autouse=True)
 def nemorun_home(tmp_path_factory) -> Path:
     """NeMo-Run experiments of this session land in a temp dir, not ~/.nemo_run."""
     home = tmp_path_factory.mktemp("nemorun")

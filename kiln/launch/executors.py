@@ -3,6 +3,7 @@ pyxis containers) and Docker (NGC image)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -33,7 +34,7 @@ def build(launch: LaunchConfig, nproc: int, dryrun: bool = False):
     if launch.executor == "local":
         return local(launch, nproc)
     if launch.executor == "slurm":
-        return slurm(launch)
+        return slurm(launch, single_task=nproc == 1)
     if launch.executor == "docker":
         return docker(launch, nproc, dryrun)
     raise ConfigError(f"launch.executor={launch.executor!r}: choose local, slurm or docker")
@@ -49,12 +50,13 @@ def local(launch: LaunchConfig, nproc: int):
                              env_vars=env)
 
 
-def slurm(launch: LaunchConfig):
+def slurm(launch: LaunchConfig, single_task: bool = False):
     """One srun task per rank (kiln reads SLURM_PROCID/SLURM_NTASKS), no code shipped: kiln is
-    installed in the container image or on the cluster's shared file system."""
+    installed in the container image or on the cluster's shared file system. A single-process
+    stage (prepare, curate) gets one task on one node whatever the site's layout."""
     import nemo_run as run
 
-    s = launch.slurm
+    s = dataclasses.replace(launch.slurm, nodes=1, tasks_per_node=1) if single_task else launch.slurm
     if s.tunnel == "ssh":
         if not (s.host and s.user and s.remote_job_dir):
             raise ConfigError("launch.slurm.tunnel=ssh needs launch.slurm.host, .user and .remote_job_dir")
