@@ -7,11 +7,14 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# NeMo-Run reads its home once, at import: point it at a temp dir before any test imports it
+os.environ["NEMORUN_HOME"] = tempfile.mkdtemp(prefix="kiln-test-nemorun-")
 RUNS_SCRIPT = Path(__file__).parent / "training" / "run_configs.py"
 
 
@@ -26,12 +29,10 @@ def readable_stdin():
     sys.stdin = saved
 
 
-@pytest.fixture(scope="session", autouse=True)
-def nemorun_home(tmp_path_factory) -> Path:
-    """NeMo-Run experiments of this session land in a temp dir, not ~/.nemo_run."""
-    home = tmp_path_factory.mktemp("nemorun")
-    os.environ["NEMORUN_HOME"] = str(home)
-    return home
+@pytest.fixture(scope="session")
+def nemorun_home() -> Path:
+    """Where this session's NeMo-Run experiments land (set at import, above)."""
+    return Path(os.environ["NEMORUN_HOME"])
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ serialized tasks plus `<task>.yaml`, each stage's resolved kiln config, for a re
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,15 +55,19 @@ def _add_all(exp, tasks: list[Task], launch: LaunchConfig, dryrun: bool = False)
 
 def render(title: str, tasks: list[Task], launch: LaunchConfig) -> str:
     """The exact sbatch scripts / docker requests / commands, with secrets scrubbed."""
-    exp = _experiment(title, launch)
-    with exp:
-        _add_all(exp, tasks, launch, dryrun=True)
-        exp.dryrun(log=False, delete_exp_dir=True)
-        parts = []
-        for job in exp.jobs:
-            request = job._dryrun_info.request
-            body = request.materialize() if hasattr(request, "materialize") else str(request)
-            parts.append(f"# ---- task {job.id} ({launch.executor}) ----\n{body.rstrip()}\n")
+    import nemo_run as run
+
+    parts = []
+    # NeMo-Run saves a dry run's experiment on leaving its context: give it a scratch home, so a
+    # dry run writes nothing (the script's own paths come from the tunnel, not this home)
+    with tempfile.TemporaryDirectory(prefix="kiln-dryrun-") as scratch:
+        with run.Experiment(title, base_dir=scratch, enable_goodbye_message=False, log_level="WARN") as exp:
+            _add_all(exp, tasks, launch, dryrun=True)
+            exp.dryrun(log=False, delete_exp_dir=True)
+            for job in exp.jobs:
+                request = job._dryrun_info.request
+                body = request.materialize() if hasattr(request, "materialize") else str(request)
+                parts.append(f"# ---- task {job.id} ({launch.executor}) ----\n{body.rstrip()}\n")
     return scrub("\n".join(parts), launch.secrets)
 
 

@@ -16,6 +16,7 @@ from kiln.recipes.pretrain import tiny
 from tests.conftest import ROOT, read_metrics, tiny_overrides
 
 SECRET = "hf_never_written_0123456789"
+CORPUS = ROOT / "data" / "demo" / "corpus.jsonl"
 
 
 def local_executor(nproc: int = 1):
@@ -33,7 +34,7 @@ def test_run_run_with_a_recipe_partial(demo_data, tmp_path):
 
 def test_experiment_chains_prepare_and_pretrain(tmp_path):
     data = tmp_path / "data"
-    prepare = PrepareConfig(inputs=[str(ROOT / "data/demo/corpus.jsonl")], output_dir=str(data), vocab_size=512)
+    prepare = PrepareConfig(inputs=[str(CORPUS)], output_dir=str(data), vocab_size=512)
     cfg = tiny()
     overrides.apply(cfg, tiny_overrides(data, tmp_path / "run", parallel__tp="2", train__steps="3"))
     with run.Experiment("kiln-api-test", enable_goodbye_message=False) as exp:
@@ -47,7 +48,7 @@ def test_experiment_chains_prepare_and_pretrain(tmp_path):
 def test_secrets_are_in_no_file_or_log(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("HF_TOKEN", SECRET)
     out = tmp_path / "data"
-    prepare = PrepareConfig(inputs=[str(ROOT / "data/demo/corpus.jsonl")], output_dir=str(out), vocab_size=300)
+    prepare = PrepareConfig(inputs=[str(CORPUS)], output_dir=str(out), vocab_size=300)
     launch = LaunchConfig(executor="local", experiments_dir=str(tmp_path / "home"))
     result = submit.submit("kiln-secret-test", [submit.Task("prepare", prepare, 1)], launch)
     assert result.ok
