@@ -137,3 +137,28 @@ def test_unreachable_controller_is_named(cluster, demo_data, tmp_path, monkeypat
     with pytest.raises(slurm.SlurmError, match="cannot reach the Slurm controller"):
         submit.submit("kiln-test", [submit.Task("pretrain", tiny_cfg(demo_data, tmp_path / "r"), 2)],
                       launch_config())
+
+
+def test_without_requeue_a_dependent_copy_resumes(straight, demo_data, tmp_path):
+    preempted = tmp_path / "preempted"
+    launch = launch_config()
+    launch.slurm.requeue = False
+    result = submit.submit("kiln-test", [submit.Task("pretrain", tiny_cfg(demo_data, preempted), 2)], launch,
+                           detach=True)
+    job = result.slurm_jobs["pretrain"]
+    deadline = time.time() + 300
+    while not (preempted / "metrics.jsonl").exists() or len(read_metrics(preempted)) < 3:
+        assert time.time() < deadline and slurm.state(job) in ("PENDING", "RUNNING"), slurm.state(job)
+        time.sleep(0.3)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    copies = []
+    while not copies:
+        assert time.time() < deadline
+        out = subprocess.run(["squeue", "-h", "-o", "%i %E"], capture_output=True, text=True).stdout
+        copies = [line.split()[0] for line in out.splitlines() if f"afterany:{job}" in line]
+        time.sleep(0.3)
+    assert slurm.wait({"copy": copies[0]}, on_change=lambda _: None) == {"copy": "COMPLETED"}
+    assert _restarts(job) == 0  # the first job was not requeued: a second job finished the run
+    a, b = read_metrics(straight[1]), read_metrics(preempted)
+    assert sorted(b) == list(range(1, STEPS + 1))
+    assert all(a[s]["loss"] == b[s]["loss"] for s in a)
