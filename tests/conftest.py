@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # NeMo-Run reads its home once, at import: point it at a temp dir before any test imports it
 os.environ["NEMORUN_HOME"] = tempfile.mkdtemp(prefix="kiln-test-nemorun-")
+atexit.register(shutil.rmtree, os.environ["NEMORUN_HOME"], True)
 RUNS_SCRIPT = Path(__file__).parent / "training" / "run_configs.py"
 
 
