@@ -55,7 +55,7 @@ class ModelConfig:
     # family-defining choices
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     norm_epsilon: float = 1e-5
-    activation: Literal["gelu", "swiglu"] = "gelu"
+    activation: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"  # gelu_tanh: GPT-2's gelu_new
     position_embedding: Literal["learned_absolute", "rope"] = "learned_absolute"
     rotary_base: int = 10000
     rotary_percent: float = 1.0

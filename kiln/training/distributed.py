@@ -44,6 +44,14 @@ def process_env() -> ProcessEnv:
     return ProcessEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)))
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _first_slurm_host(nodelist: str) -> str:
     if not nodelist:
         return "127.0.0.1"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from kiln import overrides
 from kiln.artifact import write_manifest
 from kiln.config import ConfigError, PretrainConfig
 from kiln.data import gpt_dataset
@@ -187,8 +188,11 @@ class StepRunner:
 
 
 def _save(cfg: PretrainConfig, engine, step: int) -> None:
-    ckpt.save(cfg.checkpoint_dir, step, engine.chunks, engine.optimizer, engine.scheduler,
-              {"consumed_samples": step * cfg.train.global_batch_size}, cfg.checkpoint.keep_last)
+    # the model config and tokenizer travel with the weights, so conversion needs nothing else
+    state = {"consumed_samples": step * cfg.train.global_batch_size, "model": overrides.to_dict(cfg.model),
+             "tokenizer": os.path.abspath(cfg.data.tokenizer) if cfg.data.tokenizer else None}
+    ckpt.save(cfg.checkpoint_dir, step, engine.chunks, engine.optimizer, engine.scheduler, state,
+              cfg.checkpoint.keep_last)
 
 
 def _input_files(cfg: PretrainConfig) -> list[str]:

@@ -1,0 +1,138 @@
+"""NeMo checkpoint layouts, written and read by kiln (see kiln/conversion/README.md for sources).
+
+- NeMo 2 directory: `context/` (the model config as `model.yaml`, the tokenizer in
+  `nemo_tokenizer/`) and `weights/`, a megatron-core torch_dist checkpoint whose keys carry the
+  Lightning wrapper's `module.` prefix.
+- `.nemo` archive (NeMo 1 / NeMo-Aligner era): a tar of `model_config.yaml` (MegatronGPTModel's
+  config) and `model_weights/`, a torch_dist checkpoint whose keys carry the `model.` prefix.
+
+Archives are opened defensively: absolute paths, `..` components and links are refused before
+anything is extracted, and extraction then runs with tarfile's "data" filter as well.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path, PurePosixPath
+
+import yaml
+
+from kiln.config import ModelConfig
+from kiln.conversion import dcp, hf, megatron
+
+NEMO2_PREFIX = "module."
+NEMO1_PREFIX = "model."
+ARCHIVE_NAME = "model.nemo"
+
+
+class NemoFormatError(ValueError):
+    pass
+
+
+def nemo1_config(m: ModelConfig) -> dict:
+    """MegatronGPTModel's config fields for this model (NeMo 1 naming)."""
+    return {
+        "mcore_gpt": True, "precision": "bf16", "dist_ckpt_format": "torch_dist",
+        "micro_batch_size": 1, "global_batch_size": 1,
+        "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+        "encoder_seq_length": m.max_position_embeddings, "max_position_embeddings": m.max_position_embeddings,
+        "num_layers": m.num_layers, "hidden_size": m.hidden_size, "ffn_hidden_size": m.ffn_size,
+        "num_attention_heads": m.num_attention_heads, "num_query_groups": m.heads_kv, "kv_channels": m.head_dim,
+        "init_method_std": m.init_method_std, "hidden_dropout": m.hidden_dropout,
+        "attention_dropout": m.attention_dropout, "ffn_dropout": 0.0,
+        "normalization": {"RMSNorm": "rmsnorm", "LayerNorm": "layernorm"}[m.normalization],
+        "layernorm_epsilon": m.norm_epsilon, "bias": m.add_bias_linear, "qkv_bias": m.add_qkv_bias,
+        "activation": {"swiglu": "fast-swiglu", "gelu": "gelu", "gelu_tanh": "gelu"}[m.activation],
+        "openai_gelu": m.activation == "gelu_tanh",
+        "position_embedding_type": m.position_embedding, "rotary_base": m.rotary_base,
+        "rotary_percentage": m.rotary_percent, "scale_positional_embedding": m.rope_scaling is not None,
+        "share_embeddings_and_output_weights": m.tie_embeddings,
+        "make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
+        "apply_query_key_layer_scaling": False,
+        "tokenizer": {"library": "huggingface", "type": "nemo:tokenizer", "use_fast": True},
+    }
+
+
+def nemo2_config(m: ModelConfig, model_type: str) -> dict:
+    """NeMo 2's GPTConfig fields (megatron-core TransformerConfig naming)."""
+    target = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "gpt2": "GPTConfig"}
+    return {
+        "_target_": f"nemo.collections.llm.{target.get(model_type, 'GPTConfig')}",
+        "num_layers": m.num_layers, "hidden_size": m.hidden_size, "ffn_hidden_size": m.ffn_size,
+        "num_attention_heads": m.num_attention_heads, "num_query_groups": m.heads_kv, "kv_channels": m.head_dim,
+        "seq_length": m.max_position_embeddings, "normalization": m.normalization,
+        "layernorm_epsilon": m.norm_epsilon, "gated_linear_unit": m.activation == "swiglu",
+        "activation_func": {"swiglu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}[m.activation],
+        "position_embedding_type": m.position_embedding, "rotary_base": m.rotary_base,
+        "rotary_percent": m.rotary_percent, "share_embeddings_and_output_weights": m.tie_embeddings,
+        "add_bias_linear": m.add_bias_linear, "add_qkv_bias": m.add_qkv_bias,
+        "make_vocab_size_divisible_by": m.make_vocab_size_divisible_by, "vocab_size": m.vocab_size,
+        "init_method_std": m.init_method_std,
+    }
+
+
+def write_nemo2(out: Path, model, chunks: list[dcp.Chunk], common: dict) -> None:
+    context = out / "context"
+    context.mkdir(parents=True)
+    (context / "model.yaml").write_text(yaml.safe_dump(nemo2_config(model.config, model.model_type), sort_keys=False))
+    hf.copy_tokenizer(model.tokenizer, _mkdir(context / "nemo_tokenizer"))
+    megatron.write(out / "weights", chunks, common)
+
+
+def open_nemo2(path: Path):
+    reader, common = megatron.open_checkpoint(path / "weights")
+    tokenizer = path / "context" / "nemo_tokenizer"
+    return reader, common, str(tokenizer) if (tokenizer / "tokenizer.json").exists() else None
+
+
+def write_nemo_archive(out: Path, model, chunks: list[dcp.Chunk], common: dict) -> None:
+    """`out/model.nemo`, built from a staging directory beside it."""
+    staging = out / "staging"
+    staging.mkdir(parents=True)
+    (staging / "model_config.yaml").write_text(yaml.safe_dump(nemo1_config(model.config), sort_keys=False))
+    hf.copy_tokenizer(model.tokenizer, _mkdir(staging / "tokenizer"))
+    megatron.write(staging / "model_weights", chunks, common)
+    with tarfile.open(out / ARCHIVE_NAME, "w") as tar:
+        for item in sorted(staging.rglob("*")):
+            tar.add(item, arcname=f"./{item.relative_to(staging)}", recursive=False)
+    shutil.rmtree(staging)
+
+
+def safe_extract(archive: Path, target: Path) -> None:
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            name = PurePosixPath(member.name)
+            if name.is_absolute() or member.name.startswith(("/", "\\")):
+                raise NemoFormatError(f"{archive}: member {member.name!r} has an absolute path; refusing to extract")
+            if ".." in name.parts:
+                raise NemoFormatError(f"{archive}: member {member.name!r} escapes the target directory; refusing")
+            if member.issym() or member.islnk():
+                raise NemoFormatError(f"{archive}: member {member.name!r} is a link; .nemo archives hold files only")
+            if not (member.isfile() or member.isdir()):
+                raise NemoFormatError(f"{archive}: member {member.name!r} is not a regular file or directory")
+        tar.extractall(target, filter="data")
+
+
+def open_nemo_archive(archive: Path):
+    """Extracts into a temp dir that lives as long as the returned reader's process."""
+    target = Path(tempfile.mkdtemp(prefix="kiln-nemo-"))
+    atexit.register(shutil.rmtree, target, True)
+    try:
+        safe_extract(archive, target)
+    except Exception:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    if not (target / "model_config.yaml").exists() or not (target / "model_weights").is_dir():
+        shutil.rmtree(target, ignore_errors=True)
+        raise NemoFormatError(f"{archive}: no model_config.yaml and model_weights/; not a NeMo GPT checkpoint")
+    reader, common = megatron.open_checkpoint(target / "model_weights")
+    tokenizer = target / "tokenizer"
+    return reader, common, str(tokenizer) if (tokenizer / "tokenizer.json").exists() else None
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,93 @@
+"""Numerical parity: the source and the converted model on the same tokens, in fp32 on CPU.
+
+The Megatron side is megatron-core's own GPTModel (the model kiln trains), filled from a
+checkpoint through its `sharded_state_dict()`, so checkpoint names and layouts are megatron's,
+not an assumption of kiln's. The HF side is transformers' model loaded from the directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from kiln.config import ModelConfig, ParallelConfig
+
+TOLERANCE = 1e-4
+# read(key, layer) -> the whole global tensor, or one layer of a stacked one
+TensorSource = Callable[[str, "int | None"], torch.Tensor]
+
+
+class ParityError(AssertionError):
+    pass
+
+
+def sample_tokens(vocab: int, batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(directory, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(directory), torch_dtype=torch.float32, local_files_only=True)
+    model.eval()
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def _single_process_group() -> None:
+    """megatron-core needs process groups even for one process."""
+    if torch.distributed.is_initialized():
+        return
+    from kiln.training.distributed import free_port
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+
+def megatron_logits(read: TensorSource, m: ModelConfig, tokens: torch.Tensor) -> torch.Tensor:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    from kiln.training import cpu, distributed
+    from kiln.training.model import build_gpt, transformer_config
+
+    if not torch.cuda.is_available():
+        cpu.enable()
+    _single_process_group()
+    parallel = ParallelConfig()
+    distributed.init_model_parallel(parallel, seed=0)
+    try:
+        model = build_gpt(m, parallel, transformer_config(m, parallel, "fp32"))
+        sharded = model.sharded_state_dict()
+        apply_factories(sharded)  # SwiGLU's fc1 becomes its gate and up halves, views of the weight
+        with torch.no_grad():
+            for sh in nested_values(sharded):
+                if isinstance(sh, ShardedTensor):
+                    _fill(sh, read)
+            model.eval()
+            positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+            logits = model(tokens, positions, None)
+        return logits[..., : m.vocab_size].float()
+    finally:
+        distributed.destroy_model_parallel()
+
+
+def _fill(sh, read: TensorSource) -> None:
+    layer = sh.global_offset[0] if sh.prepend_axis_num else None
+    full = read(sh.key, layer)
+    region = full
+    for dim, (start, size) in enumerate(zip(sh.global_offset[sh.prepend_axis_num:], sh.local_shape, strict=True)):
+        region = region.narrow(dim, start, size)
+    sh.data.copy_(region.to(sh.data.dtype))
+
+
+def compare(reference: torch.Tensor, candidate: torch.Tensor, what: str) -> float:
+    if reference.shape != candidate.shape:
+        raise ParityError(f"{what}: logits shapes differ, {tuple(reference.shape)} vs {tuple(candidate.shape)}")
+    delta = (reference - candidate).abs().max().item()
+    if not delta <= TOLERANCE:
+        raise ParityError(f"{what}: max |delta logit| = {delta:.3e} exceeds {TOLERANCE:.0e}; the conversion changed "
+                          f"the model, and its output was not kept")
+    return delta
