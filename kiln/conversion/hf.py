@@ -85,7 +85,7 @@ def _check_safetensors(path: Path) -> None:
             raise HFFormatError(f"{path} is truncated ({size} bytes): download it again")
         header_len = struct.unpack("<Q", head)[0]
         if 8 + header_len > size:
-            raise HFFormatError(f"{path} is truncated: its header alone needs {8 + header_len} bytes; download it again")
+            raise HFFormatError(f"{path} is truncated: its header needs {8 + header_len} bytes; download it again")
         header = json.loads(f.read(header_len))
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end > size:

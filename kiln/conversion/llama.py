@@ -64,9 +64,10 @@ def hf_config(m: ModelConfig, model_type: str = "llama") -> dict:
 
 def params(m: ModelConfig, padded_vocab: int) -> list[Param]:
     qkv = InterleavedQKV(m.num_attention_heads, m.heads_kv, m.head_dim)
+    vocab = PaddedVocab(m.vocab_size, padded_vocab)
     layer = "model.layers.{i}."
     out = [
-        Param("embedding.word_embeddings.weight", ["model.embed_tokens.weight"], PaddedVocab(m.vocab_size, padded_vocab)),
+        Param("embedding.word_embeddings.weight", ["model.embed_tokens.weight"], vocab),
         Param("decoder.layers.self_attention.linear_qkv.layer_norm_weight", [layer + "input_layernorm.weight"]),
         Param("decoder.layers.self_attention.linear_qkv.weight",
               [layer + f"self_attn.{p}_proj.weight" for p in "qkv"], qkv),
@@ -81,5 +82,5 @@ def params(m: ModelConfig, padded_vocab: int) -> list[Param]:
         out.append(Param("decoder.layers.self_attention.linear_qkv.bias",
                          [layer + f"self_attn.{p}_proj.bias" for p in "qkv"], qkv))
     if not m.tie_embeddings:
-        out.append(Param("output_layer.weight", ["lm_head.weight"], PaddedVocab(m.vocab_size, padded_vocab)))
+        out.append(Param("output_layer.weight", ["lm_head.weight"], vocab))
     return out
