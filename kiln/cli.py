@@ -132,6 +132,31 @@ def cmd_pipeline(args) -> int:
     return pl.run(pipeline, launch_config(args, launch_overrides), dryrun=args.dryrun, detach=args.detach)
 
 
+def _stage_from_flags(stage_name: str, cfg, args) -> int:
+    from kiln import overrides
+
+    stage_overrides, launch_overrides = _split_overrides(args.overrides)
+    overrides.apply(cfg, stage_overrides)
+    result = run_or_launch(stage_name, cfg, args, launch_overrides, nproc=1)
+    return result
+
+
+def cmd_convert(args) -> int:
+    from kiln.config import ConvertConfig
+
+    cfg = ConvertConfig(source=args.source, output=args.output, to=args.to, tp=args.tp, dtype=args.dtype,
+                        verify=args.verify, tokenizer=args.tokenizer)
+    return _stage_from_flags("convert", cfg, args)
+
+
+def cmd_export(args) -> int:
+    from kiln.config import ExportConfig
+
+    cfg = ExportConfig(source=args.source, output=args.output, to=args.to, tp=args.tp, pp=args.pp,
+                       dtype=args.dtype, verify=args.verify, tokenizer=args.tokenizer)
+    return _stage_from_flags("export", cfg, args)
+
+
 def add_launch_args(parser) -> None:
     parser.add_argument("--executor", choices=["local", "slurm", "docker"],
                         help="where to run (default: local, or the site profile's)")
@@ -167,6 +192,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted overrides, e.g. parallel.tp=2 train.steps=100 launch.slurm.nodes=8")
     p.set_defaults(func=cmd_pretrain)
 
+    p = sub.add_parser("convert", help="HF <-> Megatron <-> .nemo, checked by logits")
+    p.add_argument("source", help="HF directory, kiln run/checkpoint directory, NeMo 2 directory or .nemo file")
+    p.add_argument("--to", required=True, choices=["hf", "megatron", "nemo2", "nemo"])
+    p.add_argument("--output", required=True)
+    p.add_argument("--tp", type=int, default=1, help="Megatron output: pad the vocabulary for this TP size")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the source's")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                   help="compare logits (default: on below 2B parameters)")
+    p.add_argument("--tokenizer", help="tokenizer directory, when the source does not record one")
+    add_launch_args(p)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="TensorRT-LLM checkpoint (+ build.sh), or HF for serving")
+    p.add_argument("source")
+    p.add_argument("--to", required=True, choices=["trtllm", "hf"])
+    p.add_argument("--output", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU reference forward over the rank shards vs the source (default: with float32)")
+    p.add_argument("--tokenizer")
+    add_launch_args(p)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("pipeline", help="run a pipeline recipe's stages as one experiment, or show them")
     p.add_argument("action", choices=["run", "status"])
     p.add_argument("recipe", nargs="?", default="tiny")
@@ -192,11 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kiln: config error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
+        from kiln.conversion.verify import ParityError
         from kiln.launch.slurm import SlurmError
         from kiln.training.checkpoint import CheckpointError
         from kiln.training.metrics import Divergence
 
-        if not isinstance(exc, (Divergence, CheckpointError, SlurmError)):
+        if not isinstance(exc, (Divergence, CheckpointError, SlurmError, ParityError)):
             raise
         print(f"kiln: {exc}", file=sys.stderr)
         return 1

@@ -205,3 +205,34 @@ class PrepareConfig(StageConfig):
     tokenizer: str | None = None  # a tokenizer directory; None trains a byte-level BPE
     vocab_size: int = 8192  # only when training a tokenizer
     batch_size: int = 1000  # documents per tokenizer call
+
+
+@dataclass
+class ConvertConfig(StageConfig):
+    """`kiln convert`: one checkpoint format to another, verified by logits."""
+
+    source: str = ""
+    output: str = ""
+    to: Literal["hf", "megatron", "nemo2", "nemo"] = "megatron"
+    tp: int = 1  # the layout the Megatron output is padded for (vocab rows: multiple of 128 x TP)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None keeps the source's
+    verify: bool | None = None  # None: on for models under 2B parameters
+    tokenizer: str | None = None  # for Megatron sources without a recorded tokenizer
+    max_shard_gb: float = 5.0  # HF output shard size
+
+
+@dataclass
+class ExportConfig(StageConfig):
+    """`kiln export`: a TensorRT-LLM checkpoint (+ build.sh), or an HF directory for serving."""
+
+    source: str = ""  # HF directory, kiln Megatron checkpoint, NeMo 2 directory or .nemo
+    output: str = ""
+    to: Literal["trtllm", "hf"] = "trtllm"
+    tp: int = 1
+    pp: int = 1
+    dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
+    verify: bool | None = None  # CPU reference forward over the rank shards vs the source (fp32 only)
+    max_batch_size: int = 8
+    max_input_len: int = 2048
+    max_seq_len: int = 4096
+    tokenizer: str | None = None

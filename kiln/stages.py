@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from kiln import overrides
-from kiln.config import PrepareConfig, PretrainConfig
+from kiln.config import ConvertConfig, ExportConfig, PrepareConfig, PretrainConfig
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ STAGES = {
         Stage("prepare", PrepareConfig, "kiln.data.prepare:prepare", distributed=False),
         Stage("pretrain", PretrainConfig, "kiln.training.pretrain:pretrain", distributed=True,
               artifact="run_dir", validator="kiln.training.validate:validate"),
+        Stage("convert", ConvertConfig, "kiln.conversion.convert:convert", distributed=False, artifact="output"),
+        Stage("export", ExportConfig, "kiln.export.trtllm:export", distributed=False, artifact="output"),
     )
 }
 

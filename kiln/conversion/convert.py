@@ -19,7 +19,7 @@ import torch
 
 from kiln import overrides
 from kiln.artifact import atomic_dir, write_manifest
-from kiln.config import ConfigError, ModelConfig
+from kiln.config import ConfigError, ConvertConfig, ModelConfig
 from kiln.conversion import dcp, families, hf, megatron, nemo
 from kiln.conversion.mapping import Param
 from kiln.conversion.verify import compare, hf_logits, megatron_logits, sample_tokens
@@ -27,18 +27,6 @@ from kiln.conversion.verify import compare, hf_logits, megatron_logits, sample_t
 FORMATS = ("hf", "megatron", "nemo2", "nemo")
 VERIFY_DEFAULT_MAX_PARAMS = 2_000_000_000  # above this, --verify must be asked for (it loads both models)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class ConvertConfig:
-    source: str = ""
-    output: str = ""
-    to: str = "megatron"  # hf | megatron | nemo2 | nemo
-    tp: int = 1  # the layout the Megatron output is padded for (vocab rows: multiple of 128 x TP)
-    dtype: str | None = None  # float32 | bfloat16 | float16; None keeps the source's
-    verify: bool | None = None  # None: on for models under 2B parameters
-    tokenizer: str | None = None  # for Megatron sources without a recorded tokenizer
-    max_shard_gb: float = 5.0  # HF output shard size
 
 
 @dataclass

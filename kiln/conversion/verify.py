@@ -19,7 +19,7 @@ TOLERANCE = 1e-4
 TensorSource = Callable[[str, "int | None"], torch.Tensor]
 
 
-class ParityError(AssertionError):
+class ParityError(RuntimeError):
     pass
 
 
@@ -29,7 +29,9 @@ def sample_tokens(vocab: int, batch: int = 2, length: int = 16, seed: int = 0) -
 
 def hf_logits(directory, tokens: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(str(directory), torch_dtype=torch.float32, local_files_only=True)
     model.eval()
     with torch.no_grad():
@@ -90,4 +92,6 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, what: str) -> floa
     if not delta <= TOLERANCE:
         raise ParityError(f"{what}: max |delta logit| = {delta:.3e} exceeds {TOLERANCE:.0e}; the conversion changed "
                           f"the model, and its output was not kept")
+    print(f"parity: {what}: max |delta logit| = {delta:.2e} <= {TOLERANCE:.0e} (fp32, {tuple(reference.shape)})",
+          flush=True)
     return delta

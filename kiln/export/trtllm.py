@@ -1,0 +1,189 @@
+"""TensorRT-LLM checkpoint export: `config.json` + `rank{r}.safetensors`, r = pp_rank * tp + tp_rank.
+
+Names and splits follow TensorRT-LLM's checkpoint documentation and its Llama converter
+(tensorrt_llm/models/llama/convert.py): per rank, attention.qkv stacks that rank's q, k and v
+rows (KV heads repeated when there are fewer than TP ranks); attention.dense and mlp.proj split
+on dim 1; mlp.fc (HF gate_proj) and mlp.gate (HF up_proj) split on dim 0; the embedding lives on
+the first pipeline stage, ln_f and lm_head (vocab padded to a multiple of TP) on the last; layer
+indices restart at 0 on every stage. `trtllm-build` turns the directory into engines on a GPU
+(build.sh); that step cannot run here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from kiln.artifact import atomic_dir, write_manifest
+from kiln.config import ConfigError, ExportConfig
+from kiln.conversion.convert import DTYPES, Model, open_source
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+TRTLLM_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def layer_tensors(model: Model, layer: int) -> dict[str, torch.Tensor]:
+    """One layer's HF-named tensors (the family mapping turns megatron's layout back into HF's)."""
+    out = {}
+    for p in model.params:
+        if p.per_layer:
+            out.update(zip(p.hf_names(layer), p.transform.to_hf(model.read(p.megatron, layer)), strict=True))
+    return {name.split(f".{layer}.", 1)[1]: t for name, t in out.items()}
+
+
+def global_tensors(model: Model) -> dict[str, torch.Tensor]:
+    out = {}
+    for p in model.params:
+        if not p.per_layer:
+            out.update(zip(p.hf_names(), p.transform.to_hf(model.read(p.megatron)), strict=True))
+    return out
+
+
+def _repeat_kv(w: torch.Tensor, kv_heads: int, head_dim: int, tp: int) -> torch.Tensor:
+    """KV heads copied so each of `tp` ranks holds whole heads (TensorRT-LLM's dup_kv_weight)."""
+    if kv_heads >= tp:
+        return w
+    rest = w.shape[1:]
+    return w.reshape(kv_heads, head_dim, *rest).repeat_interleave(tp // kv_heads, dim=0).reshape(-1, *rest)
+
+
+def rank_layer(t: dict, m, tp: int, rank: int, prefix: str, dtype) -> dict[str, torch.Tensor]:
+    d, kv = m.head_dim, m.heads_kv
+    split0 = lambda w: w.chunk(tp, dim=0)[rank]  # noqa: E731
+    out = {}
+    for suffix in ("weight", "bias"):
+        names = [f"self_attn.{p}_proj.{suffix}" for p in "qkv"]
+        if names[0] not in t:
+            continue
+        q, k, v = (t[n] for n in names)
+        k, v = _repeat_kv(k, kv, d, tp), _repeat_kv(v, kv, d, tp)
+        out[f"{prefix}attention.qkv.{suffix}"] = torch.cat([split0(q), split0(k), split0(v)])
+    out[f"{prefix}attention.dense.weight"] = t["self_attn.o_proj.weight"].chunk(tp, dim=1)[rank]
+    out[f"{prefix}mlp.fc.weight"] = split0(t["mlp.gate_proj.weight"])
+    out[f"{prefix}mlp.gate.weight"] = split0(t["mlp.up_proj.weight"])
+    out[f"{prefix}mlp.proj.weight"] = t["mlp.down_proj.weight"].chunk(tp, dim=1)[rank]
+    out[f"{prefix}input_layernorm.weight"] = t["input_layernorm.weight"]
+    out[f"{prefix}post_layernorm.weight"] = t["post_attention_layernorm.weight"]
+    return {k: v.to(dtype).contiguous() for k, v in out.items()}
+
+
+def trtllm_config(model: Model, tp: int, pp: int, dtype: torch.dtype) -> dict:
+    m = model.config
+    scaling = None
+    if m.rope_scaling is not None:
+        s = m.rope_scaling
+        scaling = {"type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                   "high_freq_factor": s.high_freq_factor,
+                   "original_max_position_embeddings": s.original_max_position_embeddings}
+    config = {
+        "architecture": ARCHITECTURES[model.model_type], "dtype": TRTLLM_DTYPES[dtype], "logits_dtype": "float32",
+        "vocab_size": m.vocab_size, "max_position_embeddings": m.max_position_embeddings,
+        "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.heads_kv, "head_size": m.head_dim,
+        "hidden_act": "silu", "intermediate_size": m.ffn_size, "norm_epsilon": m.norm_epsilon,
+        "position_embedding_type": "rope_gpt_neox", "rotary_base": float(m.rotary_base), "rotary_scaling": scaling,
+        "use_parallel_embedding": False, "embedding_sharding_dim": 0,
+        "share_embedding_table": False, "tie_word_embeddings": m.tie_embeddings,
+        "attn_bias": m.add_qkv_bias, "mlp_bias": False,
+        "mapping": {"world_size": tp * pp, "tp_size": tp, "pp_size": pp},
+        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+    }
+    if model.model_type == "qwen2":
+        config["qwen_type"] = "qwen2"
+    return config
+
+
+def build_script(cfg: ExportConfig) -> str:
+    return "\n".join([
+        "#!/usr/bin/env bash",
+        "# Builds TensorRT engines from this checkpoint, inside NGC's TensorRT-LLM image on a GPU host:",
+        "#   docker run --gpus all --rm -v $PWD:/ckpt -w /ckpt nvcr.io/nvidia/tensorrt-llm/release bash build.sh",
+        "set -euo pipefail",
+        'cd "$(dirname "$0")"',
+        "trtllm-build --checkpoint_dir . --output_dir engines \\",
+        f"    --workers {cfg.tp * cfg.pp} \\",
+        "    --gemm_plugin auto --gpt_attention_plugin auto \\",
+        "    --remove_input_padding enable --paged_kv_cache enable --context_fmha enable \\",
+        f"    --max_batch_size {cfg.max_batch_size} --max_input_len {cfg.max_input_len} "
+        f"--max_seq_len {cfg.max_seq_len}",
+        "",
+    ])
+
+
+def export_trtllm(cfg: ExportConfig) -> dict:
+    from safetensors.torch import save_file
+
+    started = time.time()
+    model = open_source(Path(cfg.source), 1, cfg.tokenizer)
+    m = model.config
+    if model.model_type not in ARCHITECTURES:
+        raise ConfigError(f"{cfg.source}: model_type {model.model_type} has no TensorRT-LLM export here; "
+                          f"the Llama family (llama, mistral, qwen2) does. Use --to hf for TensorRT-LLM's LLM API")
+    if m.num_attention_heads % cfg.tp:
+        raise ConfigError(f"--tp {cfg.tp} does not divide the {m.num_attention_heads} attention heads")
+    if m.heads_kv % cfg.tp and cfg.tp % m.heads_kv:
+        raise ConfigError(f"--tp {cfg.tp}: the {m.heads_kv} KV heads can neither be split nor repeated evenly")
+    if m.num_layers % cfg.pp:
+        raise ConfigError(f"--pp {cfg.pp} does not divide the {m.num_layers} layers")
+    dtype = DTYPES[cfg.dtype]
+    tp, pp, per_stage = cfg.tp, cfg.pp, m.num_layers // cfg.pp
+    verify = cfg.verify if cfg.verify is not None else dtype == torch.float32
+    if verify and dtype != torch.float32:
+        raise ConfigError("--verify compares logits within 1e-4, which needs --dtype float32")
+    with atomic_dir(cfg.output) as tmp:
+        (tmp / "config.json").write_text(json.dumps(trtllm_config(model, tp, pp, dtype), indent=2) + "\n")
+        globals_ = global_tensors(model)
+        embed = globals_["model.embed_tokens.weight"]
+        lm_head = globals_.get("lm_head.weight", embed)
+        padded = tp * math.ceil(m.vocab_size / tp)
+        lm_head = torch.cat([lm_head, lm_head.new_zeros(padded - m.vocab_size, lm_head.shape[1])])
+        for stage in range(pp):
+            shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+            for local in range(per_stage):  # one layer of the source at a time
+                t = layer_tensors(model, stage * per_stage + local)
+                for rank in range(tp):
+                    shards[rank].update(rank_layer(t, m, tp, rank, f"transformer.layers.{local}.", dtype))
+            for rank in range(tp):
+                if stage == 0:
+                    shards[rank]["transformer.vocab_embedding.weight"] = embed.to(dtype).contiguous()
+                if stage == pp - 1:
+                    shards[rank]["transformer.ln_f.weight"] = globals_["model.norm.weight"].to(dtype).contiguous()
+                    shards[rank]["lm_head.weight"] = lm_head.chunk(tp)[rank].to(dtype).contiguous()
+                save_file(shards[rank], str(tmp / f"rank{stage * tp + rank}.safetensors"))
+        script = tmp / "build.sh"
+        script.write_text(build_script(cfg))
+        script.chmod(0o755)
+        delta = None
+        if verify:
+            from kiln.conversion.verify import compare, hf_logits, megatron_logits, sample_tokens
+            from kiln.export.reference import trtllm_logits
+
+            tokens = sample_tokens(m.vocab_size)
+            if model.describe.startswith("HF "):
+                reference = hf_logits(model.tokenizer, tokens)
+            else:
+                reference = megatron_logits(model.read, m, tokens)
+            delta = compare(reference, trtllm_logits(tmp, tokens), f"TensorRT-LLM export (tp={tp}, pp={pp})")
+        summary = {"tp": tp, "pp": pp, "dtype": cfg.dtype, "verified": verify, "max_abs_logit_delta": delta,
+                   "files": sorted(p.name for p in tmp.iterdir()), "seconds": round(time.time() - started, 2)}
+        write_manifest(tmp, "export", dataclasses.asdict(cfg), [], summary, started)
+    return summary
+
+
+
+def export(cfg: ExportConfig) -> dict:
+    """`kiln export`: --to trtllm writes the TensorRT-LLM checkpoint; --to hf a transformers
+    directory that TensorRT-LLM's LLM API and vLLM load directly."""
+    if cfg.to == "trtllm":
+        return export_trtllm(cfg)
+    if cfg.to == "hf":
+        from kiln.conversion.convert import ConvertConfig, convert
+
+        return convert(ConvertConfig(source=cfg.source, output=cfg.output, to="hf", dtype=cfg.dtype,
+                                     verify=cfg.verify, tokenizer=cfg.tokenizer))
+    raise ConfigError(f"--to {cfg.to}: choose trtllm or hf")
