@@ -16,12 +16,12 @@ from pathlib import Path
 
 from kiln import overrides
 from kiln.artifact import digest, read_manifest
-from kiln.config import PrepareConfig, PretrainConfig
+from kiln.config import ConvertConfig, ExportConfig, PrepareConfig, PretrainConfig
 from kiln.launch import submit
 from kiln.launch.config import LaunchConfig
 from kiln.stages import STAGES
 
-ORDER = ("prepare", "pretrain")  # curate, sft, align, convert and export join as they land
+ORDER = ("prepare", "pretrain", "convert", "export")  # curate, sft and align join as they land
 
 
 @dataclass
@@ -31,6 +31,8 @@ class PipelineConfig:
     name: str = "pipeline"
     prepare: PrepareConfig | None = None
     pretrain: PretrainConfig | None = None
+    convert: ConvertConfig | None = None
+    export: ExportConfig | None = None
 
     def stages(self) -> list[tuple[str, object]]:
         return [(name, getattr(self, name)) for name in ORDER if getattr(self, name) is not None]
@@ -87,6 +89,8 @@ def summary_line(name: str, manifest: dict | None) -> str:
     if name == "pretrain":
         loss = s.get("final", {}).get("loss")
         return f"{s.get('steps')} steps" + (f", final loss {loss:.4f}" if loss is not None else "")
+    if name in ("convert", "export") and s.get("max_abs_logit_delta") is not None:
+        return f"verified, max |delta logit| {s['max_abs_logit_delta']:.1e}"
     return ", ".join(f"{k} {v}" for k, v in s.items() if isinstance(v, (int, float)))
 
 

@@ -23,6 +23,9 @@ def make(root, corpus, steps=3):
     return p
 
 
+STAGES = ("prepare", "pretrain", "convert", "export")
+
+
 def statuses(p):
     return {s.name: s.status for s in pl.plan(p)}
 
@@ -35,13 +38,14 @@ def test_rerun_skips_fresh_stages_and_reruns_changed_ones(tmp_path):
 
     assert pl.run(make(root, corpus), launch, echo=lines.append) == 0
     assert sorted(read_metrics(root / "pretrain")) == [1, 2, 3]
-    assert statuses(make(root, corpus)) == {"prepare": "fresh", "pretrain": "fresh"}
+    assert statuses(make(root, corpus)) == dict.fromkeys(STAGES, "fresh")
     lines.clear()
     assert pl.run(make(root, corpus), launch, echo=lines.append) == 0
     assert lines[-1] == "every stage is fresh: nothing to run"
 
     # a pretraining change reruns pretraining only
-    assert statuses(make(root, corpus, steps=4)) == {"prepare": "fresh", "pretrain": "config changed"}
+    assert statuses(make(root, corpus, steps=4)) == {"prepare": "fresh", "pretrain": "config changed",
+                                                     "convert": "upstream reruns", "export": "upstream reruns"}
     assert pl.run(make(root, corpus, steps=4), launch, echo=lines.append) == 0
     assert sorted(read_metrics(root / "pretrain")) == [1, 2, 3, 4]
     assert list(tmp_path.glob("pipe/pretrain.stale-*"))  # the old run was moved aside, not mixed in
@@ -50,9 +54,11 @@ def test_rerun_skips_fresh_stages_and_reruns_changed_ones(tmp_path):
     with open(corpus, "a") as f:
         f.write('{"text": "One more story about the kiln yard."}\n')
     assert statuses(make(root, corpus, steps=4)) == {
-        "prepare": f"input changed: {corpus}", "pretrain": "upstream reruns"}
+        "prepare": f"input changed: {corpus}", "pretrain": "upstream reruns", "convert": "upstream reruns",
+        "export": "upstream reruns"}
     assert pl.run(make(root, corpus, steps=4), launch, echo=lines.append) == 0
-    assert statuses(make(root, corpus, steps=4)) == {"prepare": "fresh", "pretrain": "fresh"}
+    assert statuses(make(root, corpus, steps=4)) == dict.fromkeys(STAGES, "fresh")
 
     table = pl.status_table(make(root, corpus, steps=4))
-    assert "501 documents" in table and "4 steps, final loss" in table
+    assert "501 documents" in table and "4 steps, final loss" in table and "verified, max |delta logit|" in table
+    assert (root / "trtllm" / "rank1.safetensors").exists()

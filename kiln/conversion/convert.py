@@ -22,6 +22,7 @@ from kiln.artifact import atomic_dir, write_manifest
 from kiln.config import ConfigError, ConvertConfig, ModelConfig
 from kiln.conversion import dcp, families, hf, megatron, nemo
 from kiln.conversion.mapping import Param
+from kiln.conversion.safetensors_io import Entry
 from kiln.conversion.verify import compare, hf_logits, megatron_logits, sample_tokens
 
 FORMATS = ("hf", "megatron", "nemo2", "nemo")
@@ -71,7 +72,7 @@ def open_hf(directory: Path, tp: int) -> Model:
         return p.transform.to_megatron([reader.get(n) for n in p.hf_names(layer)])
 
     shapes = _megatron_shapes(params, m, padded, lambda name: reader.shape(name), directory)
-    dtype = reader.get(params[0].hf_names(0)[0]).dtype
+    dtype = reader.dtype(params[0].hf_names(0)[0])
     return Model(m, cfg["model_type"], params, read, shapes.__getitem__, dtype, str(directory), f"HF {directory}")
 
 
@@ -195,8 +196,21 @@ def common_state(model: Model, tokenizer: str | None) -> dict:
                      "tokenizer": tokenizer}}
 
 
+def hf_entries(model: Model, dtype: torch.dtype) -> list[Entry]:
+    """The HF tensors a model becomes, in writing order, from shapes alone (meta tensors)."""
+    entries = []
+    for p in model.params:
+        shape = model.shape(p.megatron)
+        layers = range(shape[0]) if p.per_layer else [None]
+        for layer in layers:
+            meta = torch.empty(shape[1:] if p.per_layer else shape, device="meta")
+            for name, t in zip(p.hf_names(layer), p.transform.to_hf(meta), strict=True):
+                entries.append(Entry(name, tuple(t.shape), dtype))
+    return entries
+
+
 def write_hf(model: Model, out: Path, dtype: torch.dtype, max_shard_bytes: int, progress) -> None:
-    writer = hf.Writer(out, max_shard_bytes)
+    writer = hf.Writer(out, hf_entries(model, dtype), max_shard_bytes)
     for p in model.params:
         layers = range(model.config.num_layers) if p.per_layer else [None]
         for layer in layers:
@@ -256,7 +270,7 @@ def convert(cfg: ConvertConfig) -> dict:
         if cfg.to == "nemo":  # the archive is the artifact; its staging directory goes
             os.replace(tmp / nemo.ARCHIVE_NAME, out)
         else:
-            write_manifest(tmp, "convert", dataclasses.asdict(cfg), [], summary, started)
+            write_manifest(tmp, "convert", dataclasses.asdict(cfg), [cfg.source], summary, started)
     if cfg.to == "nemo":
         shutil.rmtree(staging, ignore_errors=True)
     return summary

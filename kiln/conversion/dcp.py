@@ -91,7 +91,8 @@ def write(path: str | Path, chunks: list[Chunk]) -> None:
     Path(path).mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # "no process group, assuming a single process": it is
         warnings.simplefilter("ignore")
-        save({}, storage_writer=FileSystemWriter(str(path), thread_count=1), planner=_StreamingSavePlanner(chunks),
+        save({}, storage_writer=FileSystemWriter(str(path), thread_count=1, sync_files=False),
+             planner=_StreamingSavePlanner(chunks),
              no_dist=True)
 
 

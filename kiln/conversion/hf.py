@@ -1,20 +1,20 @@
 """Hugging Face checkpoint directories, read and written one tensor at a time.
 
-Reading memory-maps each safetensors shard (safetensors' own lazy `safe_open`); writing fills
-shards up to a size limit and writes `model.safetensors.index.json`, as `save_pretrained` does,
-so transformers, vLLM and TensorRT-LLM's LLM API load the result.
+Tensors stream through kiln.conversion.safetensors_io: one tensor in memory at a time, however
+large the model. Output shards and `model.safetensors.index.json` are laid out as
+`save_pretrained` does, so transformers, vLLM and TensorRT-LLM's LLM API load the result.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import struct
 from pathlib import Path
 
 import torch
 
 from kiln.config import ConfigError
+from kiln.conversion.safetensors_io import Entry, SafetensorsError, StreamReader, StreamWriter
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
@@ -33,31 +33,30 @@ def read_config(directory: str | Path) -> dict:
 
 
 class Reader:
-    """Tensors of an HF directory by name, without loading the model."""
+    """Tensors of an HF directory by name, read one at a time without loading the model."""
 
     def __init__(self, directory: str | Path):
-        from safetensors import safe_open
-
         self.directory = Path(directory)
         index = self.directory / INDEX
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
             files = sorted(set(weight_map.values()))
         else:
-            files = [p.name for p in self.directory.glob("*.safetensors")]
+            files = sorted(p.name for p in self.directory.glob("*.safetensors"))
             if not files:
                 raise HFFormatError(f"{directory}: no *.safetensors files (kiln does not read pickled .bin weights)")
             weight_map = None
-        self._files = {}
+        self._files: dict[str, StreamReader] = {}
         self._where: dict[str, str] = {}
         for name in files:
             path = self.directory / name
             if not path.exists():
                 raise HFFormatError(f"{path} is named by {INDEX} but missing")
-            _check_safetensors(path)
-            handle = safe_open(str(path), framework="pt")
-            self._files[name] = handle
-            for key in handle.keys():
+            try:
+                self._files[name] = StreamReader(path)
+            except SafetensorsError as exc:
+                raise HFFormatError(str(exc)) from None
+            for key in self._files[name].keys():
                 self._where[key] = name
         if weight_map is not None:
             absent = sorted(set(weight_map) - set(self._where))
@@ -70,67 +69,51 @@ class Reader:
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise HFFormatError(f"{self.directory}: tensor {name} is missing (the weights do not match config.json)")
-        return self._files[self._where[name]].get_tensor(name)
+        return self._files[self._where[name]].get(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._files[self._where[name]].get_slice(name).get_shape())
+        return self._files[self._where[name]].shape(name)
 
-
-def _check_safetensors(path: Path) -> None:
-    """A truncated download has a header promising more bytes than the file holds."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise HFFormatError(f"{path} is truncated ({size} bytes): download it again")
-        header_len = struct.unpack("<Q", head)[0]
-        if 8 + header_len > size:
-            raise HFFormatError(f"{path} is truncated: its header needs {8 + header_len} bytes; download it again")
-        header = json.loads(f.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end > size:
-        raise HFFormatError(
-            f"{path} is truncated: {size} bytes, its tensors need {8 + header_len + end}; download it again"
-        )
+    def dtype(self, name: str) -> torch.dtype:
+        return self._files[self._where[name]].dtype(name)
 
 
 class Writer:
-    """Sharded safetensors output: add tensors in any order, then `finish`."""
+    """Sharded safetensors output streamed in a planned order: shards fill up to a size limit
+    and `model.safetensors.index.json` maps names to shards, as `save_pretrained` writes them."""
 
-    def __init__(self, directory: str | Path, max_shard_bytes: int = 5 * 1024**3):
+    def __init__(self, directory: str | Path, entries: list[Entry], max_shard_bytes: int = 5 * 1024**3):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []
-        self.total_bytes = 0
+        self.shards: list[list[Entry]] = [[]]
+        size = 0
+        for e in entries:
+            if self.shards[-1] and size + e.nbytes > max_shard_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(e)
+            size += e.nbytes
+        self.total_bytes = sum(e.nbytes for e in entries)
+        self._names = [self._name(i) for i in range(len(self.shards))]
+        self._index, self._writer, self._left = -1, None, 0
+
+    def _name(self, i: int) -> str:
+        return f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        index = len(self._shards)
-        save_file(self._pending, str(self.directory / f"part-{index:05d}.safetensors"), metadata={"format": "pt"})
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        if self._left == 0:
+            if self._writer is not None:
+                self._writer.close()
+            self._index += 1
+            self._writer = StreamWriter(self.directory / self._names[self._index], self.shards[self._index])
+            self._left = len(self.shards[self._index])
+        self._writer.write(name, tensor)
+        self._left -= 1
 
     def finish(self) -> None:
-        if self._pending:
-            self._flush()
-        total = len(self._shards)
-        weight_map = {}
-        for i, names in enumerate(self._shards):
-            final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-            (self.directory / f"part-{i:05d}.safetensors").rename(self.directory / final)
-            weight_map.update({name: final for name in names})
+        if self._writer is not None:
+            self._writer.close()
+        weight_map = {e.name: self._names[i] for i, shard in enumerate(self.shards) for e in shard}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 

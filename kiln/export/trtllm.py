@@ -22,17 +22,21 @@ import torch
 from kiln.artifact import atomic_dir, write_manifest
 from kiln.config import ConfigError, ExportConfig
 from kiln.conversion.convert import DTYPES, Model, open_source
+from kiln.conversion.safetensors_io import Entry, StreamWriter
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 TRTLLM_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def layer_tensors(model: Model, layer: int) -> dict[str, torch.Tensor]:
-    """One layer's HF-named tensors (the family mapping turns megatron's layout back into HF's)."""
+def layer_tensors(model: Model, layer: int, meta: bool = False) -> dict[str, torch.Tensor]:
+    """One layer's HF-named tensors (the family mapping turns megatron's layout back into HF's);
+    with `meta`, shapes only."""
     out = {}
     for p in model.params:
         if p.per_layer:
-            out.update(zip(p.hf_names(layer), p.transform.to_hf(model.read(p.megatron, layer)), strict=True))
+            source = (torch.empty(model.shape(p.megatron)[1:], device="meta") if meta
+                      else model.read(p.megatron, layer))
+            out.update(zip(p.hf_names(layer), p.transform.to_hf(source), strict=True))
     return {name.split(f".{layer}.", 1)[1]: t for name, t in out.items()}
 
 
@@ -116,8 +120,6 @@ def build_script(cfg: ExportConfig) -> str:
 
 
 def export_trtllm(cfg: ExportConfig) -> dict:
-    from safetensors.torch import save_file
-
     started = time.time()
     model = open_source(Path(cfg.source), 1, cfg.tokenizer)
     m = model.config
@@ -137,24 +139,31 @@ def export_trtllm(cfg: ExportConfig) -> dict:
         raise ConfigError("--verify compares logits within 1e-4, which needs --dtype float32")
     with atomic_dir(cfg.output) as tmp:
         (tmp / "config.json").write_text(json.dumps(trtllm_config(model, tp, pp, dtype), indent=2) + "\n")
-        globals_ = global_tensors(model)
+        globals_ = global_tensors(model)  # embedding, final norm, lm_head: needed by first and last stage
         embed = globals_["model.embed_tokens.weight"]
         lm_head = globals_.get("lm_head.weight", embed)
         padded = tp * math.ceil(m.vocab_size / tp)
         lm_head = torch.cat([lm_head, lm_head.new_zeros(padded - m.vocab_size, lm_head.shape[1])])
+        ends = {"transformer.ln_f.weight": globals_["model.norm.weight"]}
+        meta_layer = layer_tensors(model, 0, meta=True)
         for stage in range(pp):
-            shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
-            for local in range(per_stage):  # one layer of the source at a time
-                t = layer_tensors(model, stage * per_stage + local)
-                for rank in range(tp):
-                    shards[rank].update(rank_layer(t, m, tp, rank, f"transformer.layers.{local}.", dtype))
-            for rank in range(tp):
+            # every rank file of the stage is planned from shapes, then filled one source layer at a time
+            plans = [_stage_plan(stage, rank, meta_layer, m, tp, pp, per_stage, dtype, embed, lm_head, ends)
+                     for rank in range(tp)]
+            writers = [StreamWriter(tmp / f"rank{stage * tp + rank}.safetensors", plans[rank]) for rank in range(tp)]
+            for writer in writers:
                 if stage == 0:
-                    shards[rank]["transformer.vocab_embedding.weight"] = embed.to(dtype).contiguous()
+                    writer.write("transformer.vocab_embedding.weight", embed.to(dtype))
+            for local in range(per_stage):
+                t = layer_tensors(model, stage * per_stage + local)
+                for rank, writer in enumerate(writers):
+                    for name, tensor in rank_layer(t, m, tp, rank, f"transformer.layers.{local}.", dtype).items():
+                        writer.write(name, tensor)
+            for rank, writer in enumerate(writers):
                 if stage == pp - 1:
-                    shards[rank]["transformer.ln_f.weight"] = globals_["model.norm.weight"].to(dtype).contiguous()
-                    shards[rank]["lm_head.weight"] = lm_head.chunk(tp)[rank].to(dtype).contiguous()
-                save_file(shards[rank], str(tmp / f"rank{stage * tp + rank}.safetensors"))
+                    writer.write("transformer.ln_f.weight", ends["transformer.ln_f.weight"].to(dtype))
+                    writer.write("lm_head.weight", lm_head.chunk(tp)[rank].to(dtype))
+                writer.close()
         script = tmp / "build.sh"
         script.write_text(build_script(cfg))
         script.chmod(0o755)
@@ -171,9 +180,22 @@ def export_trtllm(cfg: ExportConfig) -> dict:
             delta = compare(reference, trtllm_logits(tmp, tokens), f"TensorRT-LLM export (tp={tp}, pp={pp})")
         summary = {"tp": tp, "pp": pp, "dtype": cfg.dtype, "verified": verify, "max_abs_logit_delta": delta,
                    "files": sorted(p.name for p in tmp.iterdir()), "seconds": round(time.time() - started, 2)}
-        write_manifest(tmp, "export", dataclasses.asdict(cfg), [], summary, started)
+        write_manifest(tmp, "export", dataclasses.asdict(cfg), [cfg.source], summary, started)
     return summary
 
+
+
+def _stage_plan(stage, rank, meta_layer, m, tp, pp, per_stage, dtype, embed, lm_head, ends) -> list[Entry]:
+    plan = []
+    if stage == 0:
+        plan.append(Entry("transformer.vocab_embedding.weight", tuple(embed.shape), dtype))
+    for local in range(per_stage):
+        for name, t in rank_layer(meta_layer, m, tp, rank, f"transformer.layers.{local}.", dtype).items():
+            plan.append(Entry(name, tuple(t.shape), dtype))
+    if stage == pp - 1:
+        plan.append(Entry("transformer.ln_f.weight", tuple(ends["transformer.ln_f.weight"].shape), dtype))
+        plan.append(Entry("lm_head.weight", (lm_head.shape[0] // tp, lm_head.shape[1]), dtype))
+    return plan
 
 
 def export(cfg: ExportConfig) -> dict:

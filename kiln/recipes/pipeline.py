@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from kiln.config import PrepareConfig
+from kiln.config import ConvertConfig, ExportConfig, PrepareConfig
 from kiln.pipeline import PipelineConfig
 from kiln.recipes import pretrain
 
 
 def tiny(root: str = "runs/demo") -> PipelineConfig:
-    """The shipped demo corpus -> tokenized dataset -> the tiny Llama, on CPU in minutes."""
+    """The shipped demo corpus -> tokenized dataset -> the tiny Llama -> a Hugging Face directory
+    -> a TensorRT-LLM checkpoint (TP=2), each conversion checked by logits; CPU, minutes."""
     data = f"{root}/data"
     model = pretrain.tiny()
     model.run_dir = f"{root}/pretrain"
@@ -18,6 +19,8 @@ def tiny(root: str = "runs/demo") -> PipelineConfig:
         name="tiny",
         prepare=PrepareConfig(inputs=["data/demo/corpus.jsonl"], output_dir=data, vocab_size=2048),
         pretrain=model,
+        convert=ConvertConfig(source=f"{model.run_dir}/checkpoints", output=f"{root}/hf", to="hf"),
+        export=ExportConfig(source=f"{root}/hf", output=f"{root}/trtllm", tp=2, dtype="float32"),
     )
 
 
