@@ -123,8 +123,9 @@ def main() -> None:
     from kiln.data import gpt_dataset
     from kiln.training import cpu, distributed
     from kiln.training.engine import build_engine
+    from kiln.training.loop import StepRunner
     from kiln.training.metrics import MetricsLogger
-    from kiln.training.pretrain import StepRunner, _tokenizer, resolve
+    from kiln.training.pretrain import _tokenizer, pretraining_task, resolve
 
     steps = args.rounds * args.steps_per_round + 2
     run_dir = tempfile.mkdtemp(prefix="kiln-bench-")
@@ -136,9 +137,8 @@ def main() -> None:
 
     engine = build_engine(cfg, device)
     train_ds, _ = gpt_dataset.build_datasets(cfg.data, cfg.train, _tokenizer(cfg), f"{run_dir}/cache")
-    order = gpt_dataset.BatchOrder(cfg.train.micro_batch_size, cfg.train.global_batch_size, 0, 1)
     metrics = MetricsLogger(run_dir, cfg.logging, steps, enabled=True)
-    kiln_step = StepRunner(cfg, engine, train_ds, None, order, metrics, device, 1)
+    kiln_step = StepRunner(cfg, engine, pretraining_task(cfg, engine, train_ds, None, 1, device), metrics, device, 1)
     bare = BareLoop(cfg, train_ds, device)
     params = sum(p.numel() for p in bare.model.parameters())
 

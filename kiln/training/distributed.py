@@ -38,10 +38,16 @@ def process_env() -> ProcessEnv:
             world_size=int(env["SLURM_NTASKS"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "")),
-            # a port per job, so two jobs sharing a node do not collide
-            master_port=int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
+            master_port=int(env.get("MASTER_PORT") or _slurm_port(env)),
         )
     return ProcessEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)))
+
+
+def _slurm_port(env) -> int:
+    """A port per job and per run of it: two jobs sharing a node do not collide, and a requeued
+    job never meets the store of its previous run, whose ranks may still be exiting."""
+    job, restart = int(env.get("SLURM_JOB_ID", "0")), int(env.get("SLURM_RESTART_COUNT", "0"))
+    return 20000 + (job * 16 + restart % 16) % 20000
 
 
 def free_port() -> int:

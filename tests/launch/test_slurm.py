@@ -93,12 +93,16 @@ def test_signal_checkpoints_requeues_and_resumes_exactly(straight, demo_data, tm
     # Slurm holds a requeued job for a fixed 2 minutes (BeginTime); release it now
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     final = slurm.wait({"pretrain": job}, on_change=lambda _: None)
-    assert final == {"pretrain": "COMPLETED"}
+    assert final == {"pretrain": "COMPLETED"}, _logs(result.experiment_dir)
     a, b = read_metrics(straight[1]), read_metrics(preempted)
     assert sorted(b) == list(range(1, STEPS + 1))
     assert all(a[s]["loss"] == b[s]["loss"] for s in a)
     saved = sorted(p.name for p in (preempted / "checkpoints").glob("iter_*"))
     assert saved[0] != f"iter_{STEPS:07d}"  # the preemption checkpoint, then the final one
+
+
+def _logs(experiment_dir: Path) -> str:
+    return "\n".join(f"== {p.name}\n{p.read_text()[-4000:]}" for p in sorted(experiment_dir.rglob("*.out")))
 
 
 def _restarts(job: str) -> int:
