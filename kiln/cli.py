@@ -2,6 +2,10 @@
 
     kiln prepare --input corpus.jsonl --output data/prepared [--vocab-size 8192 | --tokenizer DIR]
     kiln pretrain --recipe tiny [field.path=value ...] [--nproc N] [--resume] [--dryrun]
+    kiln sft|dpo|rm|rlhf --recipe tiny [field.path=value ...]
+    kiln convert SOURCE --to hf|megatron|nemo2|nemo --output DIR
+    kiln export SOURCE --to trtllm --output DIR --tp 2
+    kiln pipeline run|status tiny
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ def quiet_library_warnings() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
 
 
-def _recipe(name: str):
-    from kiln.recipes.pretrain import RECIPES
+def _recipe(name: str, stage: str = "pretrain"):
+    from kiln.recipes import posttrain, pretrain
 
-    if name not in RECIPES:
-        raise ConfigError(f"--recipe {name!r} is unknown; choose one of {', '.join(RECIPES)}")
-    return RECIPES[name]()
+    recipes = pretrain.RECIPES if stage == "pretrain" else posttrain.RECIPES[stage]
+    if name not in recipes:
+        raise ConfigError(f"--recipe {name!r} is unknown for {stage}; choose one of {', '.join(recipes)}")
+    return recipes[name]()
 
 
 def _launched_by_scheduler() -> bool:
@@ -101,20 +106,26 @@ def run_or_launch(stage_name: str, cfg, args, launch_overrides: list[str], nproc
     return 0 if result.ok else 1
 
 
-def cmd_pretrain(args) -> int:
+def cmd_train(args) -> int:
+    """pretrain, sft, dpo, rm, rlhf: a recipe (or saved config) plus overrides, on the engine."""
     from kiln import overrides
     from kiln.stages import STAGES, load_config
     from kiln.training.dryrun import describe
     from kiln.training.pretrain import resolve
 
     stage_overrides, launch_overrides = _split_overrides(args.overrides)
-    cfg = load_config(STAGES["pretrain"], args.config) if args.config else _recipe(args.recipe)
+    cfg = load_config(STAGES[args.command], args.config) if args.config else _recipe(args.recipe, args.command)
     overrides.apply(cfg, stage_overrides)
     if args.resume:
         cfg.checkpoint.resume = True
+    if getattr(args, "backend", "kiln") == "nemo-aligner":
+        from kiln.alignment.aligner import run_aligner
+
+        return run_aligner(args.command, cfg, launch_config(args, launch_overrides), args.aligner_input,
+                           dryrun=args.dryrun)
     cfg = resolve(cfg)
     nproc = args.nproc or cfg.parallel.world_size or cfg.parallel.tp * cfg.parallel.pp
-    return run_or_launch("pretrain", cfg, args, launch_overrides, nproc,
+    return run_or_launch(args.command, cfg, args, launch_overrides, nproc,
                          describe=describe if args.dryrun else None)
 
 
@@ -181,16 +192,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="field=value")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("pretrain", help="pretrain a GPT with megatron-core")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--recipe", default="tiny", help="tiny, gpt2_124m, llama3_8b, llama3_70b")
-    source.add_argument("--config", help="a saved config.yaml instead of a recipe")
-    p.add_argument("--nproc", type=int, help="local processes (default: parallel.world_size, else TPxPP)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    add_launch_args(p)
-    p.add_argument("overrides", nargs="*",
-                   help="dotted overrides, e.g. parallel.tp=2 train.steps=100 launch.slurm.nodes=8")
-    p.set_defaults(func=cmd_pretrain)
+    helps = {
+        "pretrain": "pretrain a GPT with megatron-core",
+        "sft": "supervised fine-tuning on chat data (full or LoRA), packed",
+        "dpo": "direct preference optimisation against a frozen reference",
+        "rm": "train a reward model (scalar head, Bradley-Terry)",
+        "rlhf": "RLHF: GRPO or PPO with generation on the Megatron model",
+    }
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text)
+        source = p.add_mutually_exclusive_group()
+        source.add_argument("--recipe", default="tiny",
+                            help="tiny, gpt2_124m, llama3_8b, llama3_70b" if name == "pretrain" else "tiny")
+        source.add_argument("--config", help="a saved config.yaml instead of a recipe")
+        p.add_argument("--nproc", type=int, help="local processes (default: parallel.world_size, else TPxPP)")
+        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+        if name in ("dpo", "rm", "rlhf"):
+            p.add_argument("--backend", choices=["kiln", "nemo-aligner"], default="kiln",
+                           help="nemo-aligner: render and launch NeMo-Aligner's trainer in its container")
+            p.add_argument("--aligner-input", help="nemo-aligner: the .nemo model (from kiln convert --to nemo)")
+        add_launch_args(p)
+        p.add_argument("overrides", nargs="*",
+                       help="dotted overrides, e.g. parallel.tp=2 train.steps=100 launch.slurm.nodes=8")
+        p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("convert", help="HF <-> Megatron <-> .nemo, checked by logits")
     p.add_argument("source", help="HF directory, kiln run/checkpoint directory, NeMo 2 directory or .nemo file")

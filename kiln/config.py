@@ -236,3 +236,100 @@ class ExportConfig(StageConfig):
     max_input_len: int = 2048
     max_seq_len: int = 4096
     tokenizer: str | None = None
+
+
+@dataclass
+class ChatDataConfig:
+    """Fine-tuning and alignment data: JSONL records, rendered with a chat template.
+
+    SFT reads `messages` ([{role, content}], system/user/assistant, ending on assistant) or
+    `prompt` + `completion`; DPO and reward models read `prompt` + `chosen` + `rejected`
+    (strings, or message lists); RLHF reads `prompt` (a string or messages).
+    """
+
+    train: str = ""
+    valid: str | None = None  # None: no validation
+    tokenizer: str | None = None  # a Hugging Face tokenizer directory
+    # 'tokenizer' uses the tokenizer's own Jinja chat_template; built-ins: chatml, llama3, plain
+    chat_template: str = "chatml"
+    packing: bool = True  # SFT: several examples per sequence, attention kept within each
+    strict: bool = False  # stop at the first bad record instead of skipping and counting it
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    merge: bool = True  # also write <run_dir>/merged: a plain checkpoint with the adapters folded in
+
+
+@dataclass
+class FinetuneConfig(PretrainConfig):
+    """What SFT, DPO, reward-model and RLHF runs share: pretraining's engine config, chat data,
+    and the weights to start from (checkpoint.load_weights)."""
+
+    data: ChatDataConfig = field(default_factory=ChatDataConfig)
+
+
+@dataclass
+class SFTConfig(FinetuneConfig):
+    run_dir: str = "runs/sft"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DPOLossConfig:
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO (sigmoid only)
+    rpo_alpha: float | None = None  # RPO: add rpo_alpha x the NLL of the chosen answer
+    reference: Literal["cached", "online"] = "cached"  # cached: one pass before training
+
+
+@dataclass
+class DPOConfig(FinetuneConfig):
+    run_dir: str = "runs/dpo"
+    dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
+
+
+@dataclass
+class RMConfig(FinetuneConfig):
+    """A reward model: the GPT with a scalar head, trained with the Bradley-Terry loss."""
+
+    run_dir: str = "runs/rm"
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    stop_token_ids: list = field(default_factory=list)  # besides the tokenizer's EOS
+
+
+@dataclass
+class RLHFAlgoConfig:
+    algorithm: Literal["grpo", "ppo"] = "grpo"
+    # reward: a reward-model checkpoint directory (from `kiln rm`), or "module:function"
+    # taking (prompts: list[str], completions: list[str]) -> list[float]
+    reward: str = ""
+    group_size: int = 4  # GRPO: completions per prompt, advantages relative to the group
+    prompts_per_step: int = 4
+    kl_coef: float = 0.05  # penalty on log(pi / pi_ref), per token
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2  # PPO
+    gamma: float = 1.0  # PPO GAE
+    lam: float = 0.95
+    value_coef: float = 0.5
+    ppo_epochs: int = 1  # optimizer passes over each batch of rollouts
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+@dataclass
+class RLHFConfig(FinetuneConfig):
+    run_dir: str = "runs/rlhf"
+    rlhf: RLHFAlgoConfig = field(default_factory=RLHFAlgoConfig)

@@ -13,7 +13,16 @@ from pathlib import Path
 import yaml
 
 from kiln import overrides
-from kiln.config import ConvertConfig, ExportConfig, PrepareConfig, PretrainConfig
+from kiln.config import (
+    ConvertConfig,
+    DPOConfig,
+    ExportConfig,
+    PrepareConfig,
+    PretrainConfig,
+    RLHFConfig,
+    RMConfig,
+    SFTConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,14 @@ STAGES = {
         Stage("prepare", PrepareConfig, "kiln.data.prepare:prepare", distributed=False),
         Stage("pretrain", PretrainConfig, "kiln.training.pretrain:pretrain", distributed=True,
               artifact="run_dir", validator="kiln.training.validate:validate"),
+        Stage("sft", SFTConfig, "kiln.alignment.sft:sft", distributed=True, artifact="run_dir",
+              validator="kiln.training.validate:validate"),
+        Stage("dpo", DPOConfig, "kiln.alignment.dpo:dpo", distributed=True, artifact="run_dir",
+              validator="kiln.training.validate:validate"),
+        Stage("rm", RMConfig, "kiln.alignment.rm:rm", distributed=True, artifact="run_dir",
+              validator="kiln.training.validate:validate"),
+        Stage("rlhf", RLHFConfig, "kiln.alignment.rlhf:rlhf", distributed=True, artifact="run_dir",
+              validator="kiln.training.validate:validate"),
         Stage("convert", ConvertConfig, "kiln.conversion.convert:convert", distributed=False, artifact="output"),
         Stage("export", ExportConfig, "kiln.export.trtllm:export", distributed=False, artifact="output"),
     )

@@ -8,6 +8,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 EOD_TOKEN = "<|endoftext|>"
+# reserved like a base model's: the built-in chat templates' markers stay single tokens, so a
+# model pretrained with this tokenizer can be fine-tuned on chat without resizing its vocab
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+               "<|eot_id|>"]
 
 
 def load(path: str | os.PathLike):
@@ -50,7 +54,7 @@ def train_bpe(texts: Iterable[str], vocab: int, out_dir: str | os.PathLike) -> N
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab,
-        special_tokens=[EOD_TOKEN],
+        special_tokens=[EOD_TOKEN, *CHAT_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -15,7 +15,7 @@ from kiln.stages import STAGES, Stage
 
 def stage_for(cfg) -> Stage:
     for stage in STAGES.values():
-        if isinstance(cfg, stage.config_cls):
+        if type(cfg) is stage.config_cls:  # exact: SFTConfig is also a PretrainConfig
             return stage
     raise TypeError(f"{type(cfg).__name__} is not the config of any kiln stage")
 

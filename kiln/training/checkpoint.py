@@ -66,10 +66,16 @@ def resolve(path: str | Path) -> Path:
     return found
 
 
-def _model_state(chunks) -> dict:
+def _model_state(chunks, skip=None) -> dict:
+    """The model's sharded state; `skip(key)` leaves tensors out (a base checkpoint has no
+    adapters or new heads yet; a merged one keeps no adapters)."""
+    def state(chunk):
+        sd = chunk.module.sharded_state_dict()
+        return {k: v for k, v in sd.items() if not (skip and skip(k))}
+
     if len(chunks) == 1:
-        return {"model": chunks[0].module.sharded_state_dict()}
-    return {f"model{i}": c.module.sharded_state_dict() for i, c in enumerate(chunks)}
+        return {"model": state(chunks[0])}
+    return {f"model{i}": state(c) for i, c in enumerate(chunks)}
 
 
 def _rng_state() -> dict:
@@ -179,8 +185,9 @@ def _restore_adam_step(optimizer, steps: list[int]) -> None:
 
 
 def save(ckpt_dir: str | Path, step: int, chunks, optimizer, scheduler, state: dict,
-         keep_last: int | None = None) -> Path:
-    """Collective: every rank calls this. Returns the final checkpoint path."""
+         keep_last: int | None = None, skip=None) -> Path:
+    """Collective: every rank calls this. Returns the final checkpoint path. `skip(key)` leaves
+    model tensors out (LoRA: the frozen base)."""
     from megatron.core import dist_checkpointing
 
     ckpt_dir = Path(ckpt_dir)
@@ -192,7 +199,7 @@ def save(ckpt_dir: str | Path, step: int, chunks, optimizer, scheduler, state: d
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
 
-    sharded = _model_state(chunks)
+    sharded = _model_state(chunks, skip)
     sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_optimizer_metadata())
     sharded["scheduler"] = scheduler.state_dict()
     sharded["kiln_rng_state"] = _rng_sharded(_rng_state())
@@ -219,10 +226,33 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load(path: str | Path, chunks, optimizer=None, scheduler=None) -> dict:
+def save_weights(ckpt_dir: str | Path, step: int, chunks, state: dict, skip=None) -> Path:
+    """Collective: a weights-only checkpoint (what `checkpoint.load_weights` and conversion read)."""
+    from megatron.core import dist_checkpointing
+
+    final = Path(ckpt_dir) / name(step)
+    tmp = Path(ckpt_dir) / f"{name(step)}.tmp"
+    if torch.distributed.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    torch.distributed.barrier()
+    sharded = _model_state(chunks, skip)
+    sharded["kiln"] = {**state, "step": step, "layout": _layout()}
+    dist_checkpointing.save(sharded, str(tmp))
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        atomic_write_text(Path(ckpt_dir) / LATEST, final.name + "\n")
+    torch.distributed.barrier()
+    return final
+
+
+def load(path: str | Path, chunks, optimizer=None, scheduler=None, fresh=None) -> dict:
     """Load model weights, and with an optimizer the full training state, from `path`.
 
-    Returns the saved kiln training state (step, consumed samples, ...). Model tensors
+    Returns the saved kiln training state (step, consumed samples, ...). `fresh(key)` names
+    model tensors the checkpoint does not hold (weights-only loads). Model tensors
     reshard to the current TP/PP/DP layout; RNG states are restored only when the layout
     is unchanged (they are per-rank streams that have no meaning in another layout).
     """
@@ -230,7 +260,7 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None) -> dict:
 
     path = resolve(path)
     common = dist_checkpointing.load_common_state_dict(str(path))
-    template = _model_state(chunks)
+    template = _model_state(chunks, fresh)
     full = optimizer is not None
     if full:
         if "optimizer" not in _saved_keys(path):
@@ -257,11 +287,9 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None) -> dict:
     except (KeyError, RuntimeError, FileNotFoundError, AssertionError) as exc:
         raise CheckpointError(f"cannot load {path}: {type(exc).__name__}: {exc}") from exc
 
-    if len(chunks) == 1:
-        chunks[0].module.load_state_dict(loaded["model"])
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.module.load_state_dict(loaded[f"model{i}"])
+    # `fresh` tensors (new adapters or heads) keep their initialisation
+    for i, chunk in enumerate(chunks):
+        chunk.module.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=fresh is None)
     kiln_state = dict(common.get("kiln", {}))
     if full:
         # megatron-core copies into views of parameters that require grad; its dp_reshardable

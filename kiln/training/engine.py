@@ -42,12 +42,14 @@ class Engine:
         return parallel_state.get_data_parallel_world_size()
 
 
-def build_engine(cfg: PretrainConfig, device: torch.device) -> Engine:
+def build_engine(cfg: PretrainConfig, device: torch.device, transform: Callable | None = None) -> Engine:
+    """`transform(gpt)` changes each GPTModel chunk before it is wrapped (LoRA, a scalar head)."""
     from megatron.core.distributed import finalize_model_grads
 
     precision = resolve_precision(cfg.train.precision)
     torch.manual_seed(cfg.train.seed)  # host-side initialisation of the weights
-    chunks, tconfig = build_model(cfg.model, cfg.parallel, precision, device, cfg.optimizer.distributed)
+    chunks, tconfig = build_model(cfg.model, cfg.parallel, precision, device, cfg.optimizer.distributed,
+                                  transform)
     optimizer = build_optimizer(cfg.optimizer, chunks, precision)
     scheduler = build_scheduler(cfg.optimizer, cfg.schedule, optimizer, cfg.train.steps)
     # without these two hooks megatron-core never all-reduces DP gradients, and nothing errors
@@ -59,20 +61,21 @@ def build_engine(cfg: PretrainConfig, device: torch.device) -> Engine:
     return Engine(chunks, tconfig, optimizer, scheduler, device, precision)
 
 
-def _run_schedule(engine: Engine, make_batches: Callable[[], Iterator[dict]], num_microbatches: int,
-                  seq_length: int, micro_batch_size: int, forward_step: ForwardStep,
-                  forward_only: bool) -> list:
+def run_schedule(chunks: list, make_batches: Callable[[], Iterator[dict]], num_microbatches: int,
+                 seq_length: int, micro_batch_size: int, forward_step: ForwardStep,
+                 forward_only: bool) -> list:
+    """megatron-core's pipeline schedule over `chunks`; returns the last stage's loss reports."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def step_fn(data_iterator, model):
         return forward_step(next(data_iterator), model)
 
     # one iterator per model chunk: with interleaving each chunk consumes every microbatch
-    iterators = [make_batches() for _ in engine.chunks]
+    iterators = [make_batches() for _ in chunks]
     return get_forward_backward_func()(
         forward_step_func=step_fn,
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
-        model=engine.chunks,
+        model=chunks,
         num_microbatches=num_microbatches,
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
@@ -103,7 +106,7 @@ def train_step(engine: Engine, make_batches, num_microbatches: int, seq_length: 
     for chunk in engine.chunks:
         chunk.zero_grad_buffer()
     engine.optimizer.zero_grad()
-    reports = _run_schedule(engine, make_batches, num_microbatches, seq_length, micro_batch_size,
+    reports = run_schedule(engine.chunks, make_batches, num_microbatches, seq_length, micro_batch_size,
                             forward_step, forward_only=False)
     lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step applies
     _updated, grad_norm, _zeros = engine.optimizer.step()
@@ -121,7 +124,7 @@ def eval_step(engine: Engine, make_batches, num_microbatches: int, seq_length: i
     for chunk in engine.chunks:
         chunk.eval()
     try:
-        reports = _run_schedule(engine, make_batches, num_microbatches, seq_length, micro_batch_size,
+        reports = run_schedule(engine.chunks, make_batches, num_microbatches, seq_length, micro_batch_size,
                                 forward_step, forward_only=True)
     finally:
         for chunk in engine.chunks:

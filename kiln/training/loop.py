@@ -23,10 +23,16 @@ class Task:
     batches: Callable[[int], Iterator[dict]]  # step -> this rank's microbatches for that step
     forward_step: Callable  # (batch, model) -> (output, loss_func)
     tokens_per_step: int
+    rows_per_sample: int = 1  # sequences per sample: 2 for preference pairs (chosen, rejected)
     report_names: tuple[str, ...] = ("loss",)
     valid_batches: Callable[[int], Iterator[dict]] | None = None  # eval batch index -> microbatches
     tokenizer: str | None = None  # recorded in checkpoints, so conversion finds it
     describe: str = ""
+    # model tensors that checkpoint.load_weights cannot hold (new adapters or heads): they keep
+    # their initialisation; with adapter_only, checkpoints hold only these (plus the optimizer)
+    # and a resume first loads the base weights again
+    new_keys: Callable[[str], bool] | None = None
+    adapter_only: bool = False
 
 
 class StepRunner:
@@ -45,7 +51,8 @@ class StepRunner:
         t = self.cfg.train
         tic = time.perf_counter()
         result = train_step(self.engine, lambda: self.task.batches(step), self.microbatches, t.seq_length,
-                            t.micro_batch_size, self.task.forward_step, self.task.report_names)
+                            t.micro_batch_size * self.task.rows_per_sample, self.task.forward_step,
+                            self.task.report_names)
         seconds = time.perf_counter() - tic
         self.metrics.check(step + 1, result["loss"], result["grad_norm"])
         record = {**{k: result[k] for k in self.task.report_names}, "lr": result["lr"],
@@ -65,7 +72,8 @@ class StepRunner:
         for i in range(t.eval_steps):
             index = (round_index - 1) * t.eval_steps + i
             result = eval_step(self.engine, lambda index=index: self.task.valid_batches(index), self.microbatches,
-                               t.seq_length, t.micro_batch_size, self.task.forward_step, self.task.report_names)
+                               t.seq_length, t.micro_batch_size * self.task.rows_per_sample, self.task.forward_step,
+                               self.task.report_names)
             for key, value in result.items():
                 totals[key] = totals.get(key, 0.0) + value / t.eval_steps
         return totals
@@ -76,7 +84,11 @@ def save(cfg, engine, step: int, task: Task) -> None:
     state = {"consumed_samples": step * cfg.train.global_batch_size, "model": overrides.to_dict(cfg.model),
              "tokenizer": os.path.abspath(task.tokenizer) if task.tokenizer else None}
     ckpt.save(cfg.checkpoint_dir, step, engine.chunks, engine.optimizer, engine.scheduler, state,
-              cfg.checkpoint.keep_last)
+              cfg.checkpoint.keep_last, skip=_base_keys(task))
+
+
+def _base_keys(task: Task):
+    return (lambda key: not task.new_keys(key)) if task.adapter_only else None
 
 
 def train(cfg, engine, task: Task, rank: int, world: int, device) -> dict:
@@ -86,10 +98,13 @@ def train(cfg, engine, task: Task, rank: int, world: int, device) -> dict:
     start_step, source = 0, None
     if cfg.checkpoint.resume and ckpt.latest(cfg.checkpoint_dir) is not None:
         source = ckpt.latest(cfg.checkpoint_dir)
-        start_step = ckpt.load(source, engine.chunks, engine.optimizer, engine.scheduler)["step"]
+        if task.adapter_only:
+            ckpt.load(cfg.checkpoint.load_weights, engine.chunks, fresh=task.new_keys)
+        start_step = ckpt.load(source, engine.chunks, engine.optimizer, engine.scheduler,
+                               fresh=_base_keys(task))["step"]
     elif cfg.checkpoint.load_weights:
         source = ckpt.resolve(cfg.checkpoint.load_weights)
-        ckpt.load(source, engine.chunks)
+        ckpt.load(source, engine.chunks, fresh=task.new_keys)
 
     metrics = MetricsLogger(cfg.run_dir, cfg.logging, t.steps, enabled=rank == 0, resumed=start_step > 0)
     if rank == 0:

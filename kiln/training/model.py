@@ -153,7 +153,7 @@ def _scale_rope(gpt, model: ModelConfig) -> None:
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, precision: str, device: torch.device,
-                use_distributed_optimizer: bool):
+                use_distributed_optimizer: bool, transform=None):
     """This rank's model chunks (one, or vpp with interleaving), each wrapped in megatron-core DDP."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.tensor_parallel import set_defaults_if_not_set_tensor_model_parallel_attributes
@@ -162,6 +162,8 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, precision: str, de
     stages = range(parallel.vpp) if parallel.vpp else [None]
     chunks = [build_gpt(model, parallel, tconfig, vp_stage=s) for s in stages]
     for chunk in chunks:
+        if transform is not None:
+            transform(chunk)
         for p in chunk.parameters():
             set_defaults_if_not_set_tensor_model_parallel_attributes(p)
         chunk.to(device)

@@ -60,6 +60,12 @@ def _tokenizer(cfg: PretrainConfig):
 
 def pretrain(cfg: PretrainConfig) -> dict:
     """Train; returns the summary written to the run's kiln.json (on every rank)."""
+    return run_ranks(cfg, _train)
+
+
+def run_ranks(cfg, body) -> dict:
+    """What every training stage's rank does around its `body(cfg, rank, world, device, started,
+    request)`: resolve and validate the config, then set up and tear down the process groups."""
     started = time.time()
     penv = process_env()
     request = copy.deepcopy(cfg)
@@ -72,7 +78,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     device = init_process_group(penv)
     init_model_parallel(cfg.parallel, cfg.train.seed)
     try:
-        return _train(cfg, penv.rank, penv.world_size, device, started, request)
+        return body(cfg, penv.rank, penv.world_size, device, started, request)
     finally:
         destroy_model_parallel()
 

@@ -6,7 +6,7 @@ layout fails in the submitting shell instead of minutes into a cluster job.
 
 from __future__ import annotations
 
-from kiln.config import ConfigError, PretrainConfig
+from kiln.config import ChatDataConfig, ConfigError, PretrainConfig
 
 
 def _divisors(n: int) -> str:
@@ -132,16 +132,45 @@ def validate(cfg: PretrainConfig, world_size: int) -> None:
 
     if t.precision == "fp16" and not _cuda():
         raise ConfigError("train.precision=fp16 needs a GPU: use fp32 (or auto) on CPU")
-    if not cfg.data.mock and not cfg.data.blend:
+    if isinstance(cfg.data, ChatDataConfig):
+        _validate_finetune(cfg)
+    elif not cfg.data.mock and not cfg.data.blend:
         raise ConfigError(
             "data.blend is empty: give an indexed dataset prefix (the path without .bin/.idx), "
             "e.g. data.blend=[data/corpus_text_document], made by `kiln prepare`"
         )
-    if cfg.checkpoint.resume and cfg.checkpoint.load_weights:
+    adapter_run = getattr(getattr(cfg, "lora", None), "enabled", False)  # resumes on top of load_weights
+    if cfg.checkpoint.resume and cfg.checkpoint.load_weights and not adapter_run:
         raise ConfigError(
             "checkpoint.resume and checkpoint.load_weights are both set: resume continues a run "
             "with its optimizer, load_weights starts a new one from weights; choose one"
         )
+
+
+def _validate_finetune(cfg) -> None:
+    from pathlib import Path
+
+    from kiln.data.chat import BUILTIN
+
+    d = cfg.data
+    for name in ("train", "valid"):
+        path = getattr(d, name)
+        if (name == "train" or path) and not Path(path or "").is_file():
+            raise ConfigError(f"data.{name}={path!r} is not a file: give a JSONL file (see README, Post-training)")
+    if not d.tokenizer:
+        raise ConfigError("data.tokenizer is unset: give the tokenizer directory of the model being tuned")
+    if d.chat_template not in (*BUILTIN, "tokenizer"):
+        raise ConfigError(f"data.chat_template={d.chat_template!r}: use 'tokenizer' or one of {', '.join(BUILTIN)}")
+    lora = getattr(cfg, "lora", None)
+    adapted = lora is not None and lora.enabled
+    if cfg.parallel.sequence_parallel and (adapted or type(cfg).__name__ in ("RMConfig", "RLHFConfig")):
+        raise ConfigError("parallel.sequence_parallel is not supported with LoRA, reward or value heads: "
+                          "set parallel.sequence_parallel=false")
+    if adapted and (lora.rank < 1 or lora.alpha <= 0):
+        raise ConfigError(f"lora.rank={lora.rank}, lora.alpha={lora.alpha}: both must be positive")
+    if d.packing and _cuda() and cfg.train.micro_batch_size != 1 and type(cfg).__name__ == "SFTConfig":
+        raise ConfigError("data.packing on GPU uses THD packed sequences, one per microbatch: set "
+                          "train.micro_batch_size=1 and raise global_batch_size instead")
 
 
 def _cuda() -> bool:

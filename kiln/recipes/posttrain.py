@@ -1,0 +1,85 @@
+"""Post-training recipes: SFT, DPO, reward model and RLHF on the tiny demo model (CPU, minutes).
+
+Each starts from the weights the demo pretraining wrote (`make demo`, or the tiny pipeline) and
+reads the chat sets in data/demo/ (data/demo/generate_chat.py writes them).
+"""
+
+from __future__ import annotations
+
+from kiln.config import (
+    ChatDataConfig,
+    CheckpointConfig,
+    DPOConfig,
+    LoggingConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    RLHFAlgoConfig,
+    RLHFConfig,
+    RMConfig,
+    ScheduleConfig,
+    SFTConfig,
+    TrainConfig,
+)
+from kiln.recipes import models
+
+DEMO = "runs/demo"  # the tiny pipeline's root: data/tokenizer and pretrain/checkpoints
+
+
+def _common(cfg, data: str, valid: str | None, steps: int, lr: float):
+    cfg.model = models.tiny_llama()
+    cfg.parallel = ParallelConfig(tp=1, pp=1, world_size=1)
+    cfg.train = TrainConfig(steps=steps, micro_batch_size=4, global_batch_size=8, seq_length=256, seed=1234,
+                            eval_interval=steps // 2 if valid else 0, eval_steps=1)
+    cfg.optimizer = OptimizerConfig(name="adamw", lr=lr, min_lr=lr / 10, weight_decay=0.0, clip_grad=1.0)
+    cfg.schedule = ScheduleConfig(style="cosine", warmup_steps=2)
+    cfg.data = ChatDataConfig(train=data, valid=valid, tokenizer=f"{DEMO}/data/tokenizer", chat_template="chatml")
+    cfg.checkpoint = CheckpointConfig(load_weights=f"{DEMO}/pretrain/checkpoints", keep_last=1)
+    cfg.logging = LoggingConfig(log_interval=5)
+    return cfg
+
+
+def sft_tiny() -> SFTConfig:
+    """Full fine-tuning of the demo model on chat data, packed."""
+    return _common(SFTConfig(run_dir=f"{DEMO}/sft"), "data/demo/sft.jsonl", "data/demo/sft_valid.jsonl",
+                   steps=30, lr=1e-3)
+
+
+def sft_lora_tiny() -> SFTConfig:
+    cfg = sft_tiny()
+    cfg.run_dir = f"{DEMO}/sft_lora"
+    cfg.lora.enabled = True
+    cfg.optimizer.lr = 5e-3
+    return cfg
+
+
+def dpo_tiny() -> DPOConfig:
+    """DPO from the SFT model on a learnable preference set (clean answers over stuttering ones)."""
+    cfg = _common(DPOConfig(run_dir=f"{DEMO}/dpo"), "data/demo/preference.jsonl",
+                  "data/demo/preference_valid.jsonl", steps=20, lr=5e-4)
+    cfg.checkpoint.load_weights = f"{DEMO}/sft/checkpoints"
+    return cfg
+
+
+def rm_tiny() -> RMConfig:
+    cfg = _common(RMConfig(run_dir=f"{DEMO}/rm"), "data/demo/preference.jsonl",
+                  "data/demo/preference_valid.jsonl", steps=20, lr=1e-3)
+    cfg.checkpoint.load_weights = f"{DEMO}/sft/checkpoints"
+    return cfg
+
+
+def rlhf_tiny() -> RLHFConfig:
+    """GRPO from the SFT model, rewarded by the demo reward model."""
+    cfg = _common(RLHFConfig(run_dir=f"{DEMO}/rlhf"), "data/demo/prompts.jsonl", None, steps=6, lr=1e-4)
+    cfg.checkpoint.load_weights = f"{DEMO}/sft/checkpoints"
+    cfg.rlhf = RLHFAlgoConfig(algorithm="grpo", reward=f"{DEMO}/rm/checkpoints", group_size=4, prompts_per_step=2)
+    cfg.rlhf.generation.max_new_tokens = 12
+    cfg.train.global_batch_size = 8  # prompts_per_step x group_size sequences per step
+    return cfg
+
+
+RECIPES = {
+    "sft": {"tiny": sft_tiny, "tiny_lora": sft_lora_tiny},
+    "dpo": {"tiny": dpo_tiny},
+    "rm": {"tiny": rm_tiny},
+    "rlhf": {"tiny": rlhf_tiny},
+}
