@@ -313,7 +313,8 @@ class GenerationConfig:
 
 @dataclass
 class RLHFAlgoConfig:
-    algorithm: Literal["grpo", "ppo"] = "grpo"
+    """GRPO: one optimizer step per batch of fresh rollouts (PPO with a critic is not built yet)."""
+
     # reward: a reward-model checkpoint directory (from `kiln rm`), or "module:function"
     # taking (prompts: list[str], completions: list[str]) -> list[float]
     reward: str = ""
@@ -321,11 +322,6 @@ class RLHFAlgoConfig:
     prompts_per_step: int = 4
     kl_coef: float = 0.05  # penalty on log(pi / pi_ref), per token
     clip_eps: float = 0.2
-    value_clip_eps: float = 0.2  # PPO
-    gamma: float = 1.0  # PPO GAE
-    lam: float = 0.95
-    value_coef: float = 0.5
-    ppo_epochs: int = 1  # optimizer passes over each batch of rollouts
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 

@@ -1,5 +1,5 @@
 """Alignment losses on sequence log-probabilities: DPO and its variants, Bradley-Terry, and the
-policy-gradient pieces of RLHF (GAE, group-relative advantages, clipped PPO objectives).
+policy-gradient pieces of RLHF (group-relative advantages, the clipped objective, KL).
 
 Plain functions of tensors, so tests compare them with TRL on identical inputs.
 """
@@ -52,30 +52,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     return ((groups - mean) / (std + eps)).view(-1)
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    """Generalised advantage estimation over [batch, T] per-token rewards and values; `mask`
-    marks generated tokens (a prefix of each row). Returns (advantages, returns)."""
-    advantages = torch.zeros_like(rewards)
-    last = torch.zeros(rewards.size(0), dtype=rewards.dtype, device=rewards.device)
-    for t in reversed(range(rewards.size(1))):
-        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < rewards.size(1) else 0.0
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = (delta + gamma * lam * last) * mask[:, t]
-        advantages[:, t] = last
-    return advantages, advantages + values
-
-
 def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
                         clip_eps: float) -> torch.Tensor:
     """PPO's clipped surrogate, per token (to be masked and summed by the caller)."""
     ratio = torch.exp(logps - old_logps)
     return -torch.min(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
-
-
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       clip_eps: float) -> torch.Tensor:
-    clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
-    return 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
 
 
 def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:

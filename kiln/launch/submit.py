@@ -45,10 +45,14 @@ def _experiment(title: str, launch: LaunchConfig):
 
 
 def _add_all(exp, tasks: list[Task], launch: LaunchConfig, dryrun: bool = False) -> dict[str, str]:
+    import nemo_run as run
+
     ids: dict[str, str] = {}
     for task in tasks:
         executor = executors.build(launch, task.nproc, dryrun)
-        ids[task.name] = exp.add(to_partial(task.cfg), executor=executor, name=task.name,
+        # a string is a shell script (another framework's trainer); a config is a kiln stage
+        fn = run.Script(inline=task.cfg) if isinstance(task.cfg, str) else to_partial(task.cfg)
+        ids[task.name] = exp.add(fn, executor=executor, name=task.name,
                                  dependencies=[ids[a] for a in task.after] or None)
     return ids
 
@@ -84,7 +88,8 @@ def submit(title: str, tasks: list[Task], launch: LaunchConfig, detach: bool = F
         exp.run(detach=detach or on_slurm, tail_logs=tail_logs and not on_slurm)
         exp_dir = Path(exp._exp_dir)  # NeMo-Run creates it when the run starts
         for task in tasks:
-            dump_config(task.cfg, exp_dir / f"{task.name}.yaml")
+            if not isinstance(task.cfg, str):
+                dump_config(task.cfg, exp_dir / f"{task.name}.yaml")
         job_ids = {job.id: slurm.job_id(job.handle) for job in exp.jobs} if on_slurm else {}
     if detach:
         return Launched(exp._id, exp_dir, {}, job_ids)

@@ -71,7 +71,7 @@ def rlhf_tiny() -> RLHFConfig:
     """GRPO from the SFT model, rewarded by the demo reward model."""
     cfg = _common(RLHFConfig(run_dir=f"{DEMO}/rlhf"), "data/demo/prompts.jsonl", None, steps=6, lr=1e-4)
     cfg.checkpoint.load_weights = f"{DEMO}/sft/checkpoints"
-    cfg.rlhf = RLHFAlgoConfig(algorithm="grpo", reward=f"{DEMO}/rm/checkpoints", group_size=4, prompts_per_step=2)
+    cfg.rlhf = RLHFAlgoConfig(reward=f"{DEMO}/rm/checkpoints", group_size=4, prompts_per_step=2)
     cfg.rlhf.generation.max_new_tokens = 12
     cfg.train.global_batch_size = 8  # prompts_per_step x group_size sequences per step
     return cfg

@@ -34,6 +34,7 @@ _REDIRECTED = {
     "megatron.core.pipeline_parallel.schedules": 'per-schedule token counters on device="cuda"',
     "megatron.core.pipeline_parallel.p2p_communication":
         "receive buffers for stage-to-stage sends on torch.cuda.current_device()",
+    "megatron.core.transformer.attention": "the generation KV cache allocated on torch.cuda.current_device()",
     "megatron.core.optimizer.optimizer": "found-inf and overflow flags on device='cuda'",
     "megatron.core.optimizer.clip_grads": 'grad-norm reduction tensors on device="cuda"',
     "megatron.core.dist_checkpointing.strategies.filesystem_async":

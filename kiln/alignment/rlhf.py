@@ -1,0 +1,186 @@
+"""`kiln rlhf`: GRPO on the engine. Each step samples `group_size` completions for each of
+`prompts_per_step` prompts with the current policy (KV-cached generation), scores them with
+a reward model (`kiln rm` checkpoint) or a Python function, turns rewards into advantages
+relative to the group, and takes one optimizer step on the clipped policy objective with a
+per-token KL penalty against the frozen reference model.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+
+from kiln.artifact import write_manifest
+from kiln.config import ConfigError, RLHFConfig
+from kiln.data.chat import ChatFormatter
+from kiln.data.records import DataReport, RecordError, read_jsonl
+from kiln.data.sft import Example, build_sample
+from kiln.data.tokenizer import eod_id, load
+from kiln.training import checkpoint as ckpt
+from kiln.training import loop
+from kiln.training.engine import build_engine
+from kiln.training.model import build_model, resolve_precision
+from kiln.training.pretrain import run_ranks
+
+
+def rlhf(cfg: RLHFConfig) -> dict:
+    return run_ranks(cfg, _train)
+
+
+def check(cfg: RLHFConfig, world: int) -> None:
+    r = cfg.rlhf
+    dp = cfg.parallel.dp(world)
+    if cfg.parallel.pp > 1 or cfg.parallel.vpp:
+        raise ConfigError("parallel.pp>1: RLHF generation runs under TP and DP only; set parallel.pp=1")
+    if r.prompts_per_step * r.group_size != cfg.train.global_batch_size:
+        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} must equal rlhf.prompts_per_step "
+                          f"x rlhf.group_size = {r.prompts_per_step * r.group_size} (sequences per step)")
+    if r.prompts_per_step % dp:
+        raise ConfigError(f"rlhf.prompts_per_step={r.prompts_per_step} must divide among DP={dp} ranks")
+    if r.group_size < 2:
+        raise ConfigError("rlhf.group_size must be at least 2: GRPO compares completions of one prompt")
+    if not r.reward:
+        raise ConfigError("rlhf.reward is unset: give a reward-model checkpoint (kiln rm) or module:function")
+    if not cfg.checkpoint.load_weights:
+        raise ConfigError("checkpoint.load_weights is unset: RLHF starts from (and stays near) a trained policy")
+
+
+def load_prompts(path: str, formatter: ChatFormatter, strict: bool) -> tuple[list[str], list[list[int]]]:
+    report, texts, tokens = DataReport(), [], []
+    for where, record in read_jsonl(path, report, strict):
+        prompt = record.get("prompt")
+        try:
+            if isinstance(prompt, str) and prompt.strip():
+                messages = [{"role": "user", "content": prompt}]
+            elif isinstance(prompt, list) and prompt and prompt[-1].get("role") == "user":
+                messages = prompt
+            else:
+                raise RecordError("'prompt' must be a non-empty string or messages ending on a user turn")
+        except (RecordError, AttributeError) as exc:
+            report.drop(where, str(exc), "invalid", strict)
+            continue
+        report.kept += 1
+        texts.append(messages[-1]["content"])
+        tokens.append(formatter.prompt_tokens(messages))
+    if not tokens:
+        raise ValueError(f"{path}: no usable prompts ({report.summary()})")
+    return texts, tokens
+
+
+class Rewards:
+    """A reward model checkpoint scored on the same layout, or a Python function of strings."""
+
+    def __init__(self, cfg: RLHFConfig, device):
+        self.cfg, self.device = cfg, device
+        spec = cfg.rlhf.reward
+        if ":" in spec and not Path(spec).exists():
+            module, name = spec.split(":")
+            self.function = getattr(importlib.import_module(module), name)
+        else:
+            from kiln.alignment.rm import with_scalar_head
+
+            self.function = None
+            rm_cfg, transform = with_scalar_head(cfg)
+            chunks, _ = build_model(rm_cfg.model, cfg.parallel, resolve_precision(cfg.train.precision), device,
+                                    False, transform)
+            ckpt.load(spec, chunks)
+            self.model = chunks[0]
+            self.model.eval()
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str], batch: dict) -> torch.Tensor:
+        if self.function is not None:
+            return torch.tensor([float(r) for r in self.function(prompts, completions)], device=self.device)
+        from kiln.alignment.rm import scores
+
+        return scores(self.model(batch["tokens"], batch["position_ids"], None), batch["loss_mask"])
+
+
+def per_token_logps(model, batch: dict) -> torch.Tensor:
+    return -model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).float()
+
+
+def grpo_forward_step(cfg: RLHFConfig):
+    from kiln.alignment.losses import clipped_policy_loss, kl_penalty
+
+    r = cfg.rlhf
+
+    def forward_step(batch: dict, model):
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+
+        def loss_func(per_token):
+            mask = batch["loss_mask"]
+            logps = -per_token.float()
+            policy = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"][:, None], r.clip_eps)
+            kl = kl_penalty(logps, batch["ref_logps"])
+            total = ((policy + r.kl_coef * kl) * mask).sum()
+            tokens = mask.sum()
+            rows = torch.tensor(float(mask.size(0)), device=tokens.device)
+            report = {"loss": torch.stack([total.detach(), tokens]),
+                      "kl": torch.stack([(kl.detach() * mask).sum(), tokens]),
+                      "reward": torch.stack([batch["rewards"].sum(), rows]),
+                      "completion_tokens": torch.stack([tokens, rows])}
+            return total, tokens.to(torch.int), report
+
+        return output, loss_func
+
+    return forward_step
+
+
+def _train(cfg: RLHFConfig, rank: int, world: int, device, started: float, request: RLHFConfig) -> dict:
+    from kiln.alignment.generate import generate
+    from kiln.alignment.losses import group_advantages
+
+    check(cfg, world)
+    cfg.logging.loss_spike_factor = 0  # a policy-gradient loss hovers around zero: no descent to watch
+    tokenizer = load(cfg.data.tokenizer)
+    formatter = ChatFormatter(tokenizer, cfg.data.chat_template)
+    prompt_texts, prompt_tokens = load_prompts(cfg.data.train, formatter, cfg.data.strict)
+    engine = build_engine(cfg, device)
+    reference, _ = build_model(cfg.model, cfg.parallel, resolve_precision(cfg.train.precision), device, False)
+    ckpt.load(cfg.checkpoint.load_weights, reference)
+    reference[0].eval()
+    rewards = Rewards(cfg, device)
+    r, t, seq = cfg.rlhf, cfg.train, cfg.train.seq_length
+    pad = eod_id(tokenizer)
+    stop = {pad, *r.generation.stop_token_ids}
+    count = cfg.num_microbatches(world)
+    policy = engine.chunks[0]
+
+    def rollouts(step: int):
+        """This DP rank's prompts of `step`, sampled, scored and turned into training rows."""
+        mine = [step * r.prompts_per_step + j for j in range(engine.dp_rank, r.prompts_per_step, engine.dp_size)]
+        rows, reward_list = [], []
+        for index in mine:
+            p = index % len(prompt_tokens)
+            prompt = prompt_tokens[p][: seq - r.generation.max_new_tokens]
+            completions = generate(policy, prompt, r.group_size, r.generation, stop, cfg.model.vocab_size,
+                                   seed=t.seed * 1_000_003 + index)
+            samples = [build_sample([Example(prompt + c, [0] * len(prompt) + [1] * len(c))], seq, pad)
+                       for c in completions]
+            batch = {k: torch.stack([s[k] for s in samples]).to(device)
+                     for k in ("tokens", "labels", "loss_mask", "position_ids")}
+            texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+            reward_list.append(rewards([prompt_texts[p]] * len(texts), texts, batch).float())
+            rows.append(batch)
+        group = {k: torch.cat([b[k] for b in rows]) for k in rows[0]}
+        group["rewards"] = torch.cat(reward_list)
+        group["advantages"] = group_advantages(group["rewards"], r.group_size)
+        with torch.no_grad():
+            group["old_logps"] = per_token_logps(policy, group)
+            group["ref_logps"] = per_token_logps(reference[0], group)
+        mbs = t.micro_batch_size
+        return iter([{k: v[m * mbs:(m + 1) * mbs] for k, v in group.items()} for m in range(count)])
+
+    task = loop.Task(
+        name="rlhf", batches=rollouts, forward_step=grpo_forward_step(cfg),
+        tokens_per_step=t.global_batch_size * seq, report_names=("loss", "reward", "kl", "completion_tokens"),
+        tokenizer=cfg.data.tokenizer,
+        describe=f" | GRPO {r.prompts_per_step} prompts x {r.group_size}, reward {r.reward}",
+    )
+    summary = loop.train(cfg, engine, task, rank, world, device)
+    if rank == 0 and "steps" in summary:
+        write_manifest(cfg.run_dir, "rlhf", cfg, [cfg.data.train], summary, started, request=request)
+    return summary
