@@ -28,6 +28,8 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/engine_overhead.py
+	$(PY) benchmarks/sft_packing.py
+	$(PY) benchmarks/dpo_reference.py  # after `make demo`
 
 clean:
 	rm -rf runs .pytest_cache
