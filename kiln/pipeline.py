@@ -16,12 +16,21 @@ from pathlib import Path
 
 from kiln import overrides
 from kiln.artifact import digest, read_manifest
-from kiln.config import ConvertConfig, ExportConfig, PrepareConfig, PretrainConfig
+from kiln.config import (
+    ConvertConfig,
+    DPOConfig,
+    ExportConfig,
+    PrepareConfig,
+    PretrainConfig,
+    RLHFConfig,
+    RMConfig,
+    SFTConfig,
+)
 from kiln.launch import submit
 from kiln.launch.config import LaunchConfig
 from kiln.stages import STAGES
 
-ORDER = ("prepare", "pretrain", "convert", "export")  # curate, sft and align join as they land
+ORDER = ("prepare", "pretrain", "sft", "dpo", "rm", "rlhf", "convert", "export")
 
 
 @dataclass
@@ -31,6 +40,10 @@ class PipelineConfig:
     name: str = "pipeline"
     prepare: PrepareConfig | None = None
     pretrain: PretrainConfig | None = None
+    sft: SFTConfig | None = None
+    dpo: DPOConfig | None = None
+    rm: RMConfig | None = None
+    rlhf: RLHFConfig | None = None
     convert: ConvertConfig | None = None
     export: ExportConfig | None = None
 
@@ -86,9 +99,10 @@ def summary_line(name: str, manifest: dict | None) -> str:
     s = manifest.get("summary", {})
     if name == "prepare":
         return f"{s.get('documents')} documents, {s.get('tokens')} tokens"
-    if name == "pretrain":
-        loss = s.get("final", {}).get("loss")
-        return f"{s.get('steps')} steps" + (f", final loss {loss:.4f}" if loss is not None else "")
+    if "final" in s:  # a training stage: its last step's reports
+        shown = ("loss", "val_loss", "accuracy", "val_accuracy", "reward")
+        figures = [f"{k} {v:.4f}" for k, v in s["final"].items() if k in shown and v is not None]
+        return ", ".join([f"{s.get('steps')} steps", *figures])
     if name in ("convert", "export") and s.get("max_abs_logit_delta") is not None:
         return f"verified, max |delta logit| {s['max_abs_logit_delta']:.1e}"
     return ", ".join(f"{k} {v}" for k, v in s.items() if isinstance(v, (int, float)))

@@ -20,6 +20,9 @@ def make(root, corpus, steps=3):
     p.pretrain.train.eval_interval = 0
     p.pretrain.logging.tensorboard = False
     p.pretrain.schedule.warmup_steps = 1
+    # post-training stages have their own tests (tests/alignment): here the chain's mechanics
+    p.sft = p.dpo = p.rm = p.rlhf = None
+    p.convert.source = f"{p.pretrain.run_dir}/checkpoints"
     return p
 
 
@@ -62,3 +65,11 @@ def test_rerun_skips_fresh_stages_and_reruns_changed_ones(tmp_path):
     table = pl.status_table(make(root, corpus, steps=4))
     assert "501 documents" in table and "4 steps, final loss" in table and "verified, max |delta logit|" in table
     assert (root / "trtllm" / "rank1.safetensors").exists()
+
+
+def test_full_tiny_pipeline_validates_and_renders(capsys):
+    """Every stage of the demo pipeline, post-training included, passes validation and renders."""
+    lines = []
+    assert pl.run(tiny(root="runs/never-written"), LaunchConfig(), dryrun=True, echo=lines.append) == 0
+    ran = [line.split()[0] for line in lines if " run (" in line]
+    assert ran == ["prepare", "pretrain", "sft", "dpo", "rm", "rlhf", "convert", "export"]

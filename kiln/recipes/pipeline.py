@@ -4,22 +4,36 @@ from __future__ import annotations
 
 from kiln.config import ConvertConfig, ExportConfig, PrepareConfig
 from kiln.pipeline import PipelineConfig
-from kiln.recipes import pretrain
+from kiln.recipes import posttrain, pretrain
 
 
 def tiny(root: str = "runs/demo") -> PipelineConfig:
-    """The shipped demo corpus -> tokenized dataset -> the tiny Llama -> a Hugging Face directory
-    -> a TensorRT-LLM checkpoint (TP=2), each conversion checked by logits; CPU, minutes."""
+    """The shipped demo corpus -> tokenized dataset -> the tiny Llama -> SFT on chat data -> DPO
+    -> a reward model -> GRPO against it -> a Hugging Face directory -> a TensorRT-LLM checkpoint
+    (TP=2), each conversion checked by logits; CPU, minutes."""
     data = f"{root}/data"
     model = pretrain.tiny()
     model.run_dir = f"{root}/pretrain"
     model.data.blend = [f"{data}/corpus_text_document"]
     model.data.tokenizer = f"{data}/tokenizer"
+    tuned = [posttrain.sft_tiny(), posttrain.dpo_tiny(), posttrain.rm_tiny(), posttrain.rlhf_tiny()]
+    sft, dpo, rm, rlhf = tuned
+    for cfg in tuned:
+        cfg.run_dir = f"{root}/{cfg.run_dir.rsplit('/', 1)[-1]}"
+        cfg.data.tokenizer = f"{data}/tokenizer"
+    sft.checkpoint.load_weights = f"{model.run_dir}/checkpoints"
+    for cfg in (dpo, rm, rlhf):
+        cfg.checkpoint.load_weights = f"{sft.run_dir}/checkpoints"
+    rlhf.rlhf.reward = f"{rm.run_dir}/checkpoints"
     return PipelineConfig(
         name="tiny",
         prepare=PrepareConfig(inputs=["data/demo/corpus.jsonl"], output_dir=data, vocab_size=2048),
         pretrain=model,
-        convert=ConvertConfig(source=f"{model.run_dir}/checkpoints", output=f"{root}/hf", to="hf"),
+        sft=sft,
+        dpo=dpo,
+        rm=rm,
+        rlhf=rlhf,
+        convert=ConvertConfig(source=f"{rlhf.run_dir}/checkpoints", output=f"{root}/hf", to="hf"),
         export=ExportConfig(source=f"{root}/hf", output=f"{root}/trtllm", tp=2, dtype="float32"),
     )
 

@@ -259,6 +259,8 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, fresh=None) -
     from megatron.core import dist_checkpointing
 
     path = resolve(path)
+    if optimizer is None:
+        _check_vocab_rows(path, chunks)
     common = dist_checkpointing.load_common_state_dict(str(path))
     template = _model_state(chunks, fresh)
     full = optimizer is not None
@@ -304,6 +306,23 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, fresh=None) -
         if "kiln_rng_state" in loaded:
             _set_rng_state(loaded["kiln_rng_state"])
     return kiln_state
+
+
+def _check_vocab_rows(path: Path, chunks) -> None:
+    """Refuse weights whose padded vocabulary differs from this model's: megatron-core would load
+    the overlap and leave the other rows at their random initialisation, and those rows still
+    take part in every softmax, so the model would silently differ from the one saved."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    saved = dist_checkpointing.load_tensors_metadata(str(path)).get("embedding.word_embeddings.weight")
+    padded, tp = getattr(chunks[0].module, "vocab_size", None), ps.get_tensor_model_parallel_world_size()
+    if saved is None or padded is None or saved.global_shape[0] == padded:
+        return
+    rows = saved.global_shape[0]
+    fix = f"model.make_vocab_size_divisible_by={rows // tp}" if rows % tp == 0 else "the TP size it was saved with"
+    raise CheckpointError(f"{path} pads the vocabulary to {rows} rows, this model to {padded} (at TP={tp}): "
+                          f"set {fix} so the rows match")
 
 
 def _saved_keys(path: Path) -> set[str]:
