@@ -51,7 +51,8 @@ def supervised_tokens_per_sample(data: Path, tokenizer: Path, seq: int, packing:
 def run(mode: str, data: Path, tokenizer: Path, out: Path, steps: int, gbs: int) -> list[dict]:
     args = [sys.executable, "-m", "kiln.cli", "sft", "--recipe", "tiny", f"run_dir={out}", f"data.train={data}",
             "data.valid=null", f"data.tokenizer={tokenizer}", f"data.packing={'true' if mode == 'packed' else 'false'}",
-            "checkpoint.load_weights=null", f"train.steps={steps}", f"train.global_batch_size={gbs}", "train.eval_interval=0",
+            "checkpoint.load_weights=null", f"train.steps={steps}", f"train.global_batch_size={gbs}",
+            "train.eval_interval=0",
             "logging.log_interval=1", "logging.tensorboard=false", "logging.progress_bar=false",
             "checkpoint.save_interval=0", "optimizer.lr=1e-3", "optimizer.min_lr=1e-3"]
     subprocess.run(args, check=True, cwd=ROOT, capture_output=True, text=True)
@@ -91,7 +92,8 @@ def main() -> None:
                   f"{r['supervised_tokens_per_s']:.0f} supervised tokens/s, loss/token {r['final_loss']:.3f}")
     ratio = results["packed"]["supervised_tokens_per_s"] / results["padded"]["supervised_tokens_per_s"]
     print(f"packing speed-up: {ratio:.2f}x supervised tokens/s (target >= 2x); loss per token packed "
-          f"{results['packed']['final_loss']:.3f} vs padded {results['padded']['final_loss']:.3f} after the same updates on the same data")
+          f"{results['packed']['final_loss']:.3f} vs padded {results['padded']['final_loss']:.3f} "
+          f"after the same updates on the same data")
 
 
 if __name__ == "__main__":
