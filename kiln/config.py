@@ -160,8 +160,11 @@ class TrainConfig:
 class CheckpointConfig:
     dir: str | None = None  # None: <run_dir>/checkpoints
     save_interval: int = 0  # 0: only at the end
-    resume: bool = False  # continue from the newest valid checkpoint in `dir`
-    load_weights: str | None = None  # start from these weights (a checkpoint dir), fresh optimizer
+    # resume continues from the newest valid checkpoint in `dir` when there is one; otherwise the
+    # run starts from load_weights (weights only, fresh optimizer) or from scratch. Slurm jobs
+    # always resume, so a requeued fine-tuning run continues and a first one starts from its base.
+    resume: bool = False
+    load_weights: str | None = None  # a checkpoint dir; also DPO's and RLHF's frozen reference
     keep_last: int | None = None  # None: keep every checkpoint
 
 
@@ -313,8 +316,10 @@ class GenerationConfig:
 
 @dataclass
 class RLHFAlgoConfig:
-    """GRPO: one optimizer step per batch of fresh rollouts (PPO with a critic is not built yet)."""
+    """GRPO (group-relative advantages, no critic) or PPO (a critic, GAE); one optimizer step
+    per batch of fresh rollouts."""
 
+    algorithm: Literal["grpo", "ppo"] = "grpo"
     # reward: a reward-model checkpoint directory (from `kiln rm`), or "module:function"
     # taking (prompts: list[str], completions: list[str]) -> list[float]
     reward: str = ""
@@ -322,6 +327,11 @@ class RLHFAlgoConfig:
     prompts_per_step: int = 4
     kl_coef: float = 0.05  # penalty on log(pi / pi_ref), per token
     clip_eps: float = 0.2
+    # PPO: the critic starts from the reward model (or the policy's weights, for a reward
+    # function) with a fresh scalar head, and trains with the policy's optimizer settings
+    gamma: float = 1.0
+    lam: float = 0.95
+    value_clip_eps: float = 0.2
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 

@@ -63,7 +63,7 @@ def test_rerun_skips_fresh_stages_and_reruns_changed_ones(tmp_path):
     assert statuses(make(root, corpus, steps=4)) == dict.fromkeys(STAGES, "fresh")
 
     table = pl.status_table(make(root, corpus, steps=4))
-    assert "501 documents" in table and "4 steps, final loss" in table and "verified, max |delta logit|" in table
+    assert "501 documents" in table and "4 steps, loss " in table and "verified, max |delta logit|" in table
     assert (root / "trtllm" / "rank1.safetensors").exists()
 
 

@@ -1,5 +1,5 @@
 """Alignment losses on sequence log-probabilities: DPO and its variants, Bradley-Terry, and the
-policy-gradient pieces of RLHF (group-relative advantages, the clipped objective, KL).
+policy-gradient pieces of RLHF (GAE, group-relative advantages, clipped objectives, KL).
 
 Plain functions of tensors, so tests compare them with TRL on identical inputs.
 """
@@ -50,6 +50,34 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     groups = rewards.view(-1, group_size)
     mean, std = groups.mean(dim=1, keepdim=True), groups.std(dim=1, keepdim=True)
     return ((groups - mean) / (std + eps)).view(-1)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over [batch, T] per-token rewards and values, where
+    `mask` marks each row's generated tokens (one contiguous run). Returns (advantages, returns)."""
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.size(0), dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(rewards.size(1))):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < rewards.size(1) else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Zero mean, unit variance over the masked entries."""
+    n = mask.sum().clamp(min=1)
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / n
+    return (x - mean) / (var.sqrt() + eps) * mask
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       clip_eps: float) -> torch.Tensor:
+    """PPO's clipped value objective, per token."""
+    clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    return 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
 
 
 def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,

@@ -1,13 +1,20 @@
-"""`kiln rlhf`: GRPO on the engine. Each step samples `group_size` completions for each of
-`prompts_per_step` prompts with the current policy (KV-cached generation), scores them with
-a reward model (`kiln rm` checkpoint) or a Python function, turns rewards into advantages
-relative to the group, and takes one optimizer step on the clipped policy objective with a
-per-token KL penalty against the frozen reference model.
+"""`kiln rlhf`: GRPO or PPO on the engine. Each step samples `group_size` completions for each
+of `prompts_per_step` prompts with the current policy (KV-cached generation), scores them with
+a reward model (`kiln rm` checkpoint) or a Python function, and takes one optimizer step on
+the clipped policy objective.
+
+- GRPO: advantages are rewards relative to the prompt's group; a per-token KL penalty against
+  the frozen reference joins the loss.
+- PPO: a critic (the GPT with a scalar head) predicts values; per-token rewards are the KL
+  penalty plus the sequence reward on the last token; GAE gives advantages and returns; the
+  critic takes its own optimizer step on the clipped value loss, then the policy on the
+  clipped surrogate. The critic is checkpointed with the policy and resumed with it.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import torch
@@ -20,9 +27,11 @@ from kiln.data.sft import Example, build_sample
 from kiln.data.tokenizer import eod_id, load
 from kiln.training import checkpoint as ckpt
 from kiln.training import loop
-from kiln.training.engine import build_engine
+from kiln.training.engine import build_engine, train_step
 from kiln.training.model import build_model, resolve_precision
 from kiln.training.pretrain import run_ranks
+
+REPORTS = ("loss", "reward", "kl", "completion_tokens", "value_loss")
 
 
 def rlhf(cfg: RLHFConfig) -> dict:
@@ -39,8 +48,8 @@ def check(cfg: RLHFConfig, world: int) -> None:
                           f"x rlhf.group_size = {r.prompts_per_step * r.group_size} (sequences per step)")
     if r.prompts_per_step % dp:
         raise ConfigError(f"rlhf.prompts_per_step={r.prompts_per_step} must divide among DP={dp} ranks")
-    if r.group_size < 2:
-        raise ConfigError("rlhf.group_size must be at least 2: GRPO compares completions of one prompt")
+    if r.algorithm == "grpo" and r.group_size < 2:
+        raise ConfigError("rlhf.group_size must be at least 2 for GRPO: it compares completions of one prompt")
     if not r.reward:
         raise ConfigError("rlhf.reward is unset: give a reward-model checkpoint (kiln rm) or module:function")
     if not cfg.checkpoint.load_weights:
@@ -113,16 +122,49 @@ def grpo_forward_step(cfg: RLHFConfig):
         def loss_func(per_token):
             mask = batch["loss_mask"]
             logps = -per_token.float()
-            policy = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"][:, None], r.clip_eps)
+            policy = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"], r.clip_eps)
             kl = kl_penalty(logps, batch["ref_logps"])
-            total = ((policy + r.kl_coef * kl) * mask).sum()
+            kl_weight = r.kl_coef if r.algorithm == "grpo" else 0.0  # PPO has it in its rewards
+            total = ((policy + kl_weight * kl) * mask).sum()
             tokens = mask.sum()
             rows = torch.tensor(float(mask.size(0)), device=tokens.device)
             report = {"loss": torch.stack([total.detach(), tokens]),
                       "kl": torch.stack([(kl.detach() * mask).sum(), tokens]),
                       "reward": torch.stack([batch["rewards"].sum(), rows]),
-                      "completion_tokens": torch.stack([tokens, rows])}
+                      "completion_tokens": torch.stack([tokens, rows]),
+                      "value_loss": torch.stack([batch["value_loss"].sum(), rows])}
             return total, tokens.to(torch.int), report
+
+        return output, loss_func
+
+    return forward_step
+
+
+def build_critic(cfg: RLHFConfig, device):
+    """The PPO critic: a scalar-head GPT with its own optimizer, from the reward model when
+    there is one, else from the policy's starting weights with a fresh head."""
+    from kiln.alignment.rm import is_head, with_scalar_head
+
+    critic_cfg, transform = with_scalar_head(cfg)
+    critic = build_engine(critic_cfg, device, transform)
+    reward_model = Path(cfg.rlhf.reward).exists()
+    ckpt.load(cfg.rlhf.reward if reward_model else cfg.checkpoint.load_weights, critic.chunks,
+              fresh=None if reward_model else is_head)
+    return critic
+
+
+def value_forward_step(clip_eps: float):
+    from kiln.alignment.losses import clipped_value_loss
+
+    def forward_step(batch: dict, model):
+        output = model(batch["tokens"], batch["position_ids"], None)
+
+        def loss_func(values):
+            mask = batch["loss_mask"]
+            loss = (clipped_value_loss(values[..., 0].float(), batch["old_values"], batch["returns"], clip_eps)
+                    * mask).sum()
+            tokens = mask.sum()
+            return loss, tokens.to(torch.int), {"value_loss": torch.stack([loss.detach(), tokens])}
 
         return output, loss_func
 
@@ -148,6 +190,7 @@ def _train(cfg: RLHFConfig, rank: int, world: int, device, started: float, reque
     stop = {pad, *r.generation.stop_token_ids}
     count = cfg.num_microbatches(world)
     policy = engine.chunks[0]
+    critic = build_critic(cfg, device) if r.algorithm == "ppo" else None
 
     def rollouts(step: int):
         """This DP rank's prompts of `step`, sampled, scored and turned into training rows."""
@@ -165,20 +208,55 @@ def _train(cfg: RLHFConfig, rank: int, world: int, device, started: float, reque
             texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
             reward_list.append(rewards([prompt_texts[p]] * len(texts), texts, batch).float())
             rows.append(batch)
+            if rank == 0:  # what the policy wrote, to read along (rank 0's share of the prompts)
+                with open(Path(cfg.run_dir) / "rollouts.jsonl", "a") as log:
+                    for c, text, reward in zip(completions, texts, reward_list[-1].tolist(), strict=True):
+                        log.write(json.dumps({"step": step + 1, "prompt": prompt_texts[p], "completion": text,
+                                              "tokens": c, "reward": reward}) + "\n")
         group = {k: torch.cat([b[k] for b in rows]) for k in rows[0]}
         group["rewards"] = torch.cat(reward_list)
-        group["advantages"] = group_advantages(group["rewards"], r.group_size)
         with torch.no_grad():
             group["old_logps"] = per_token_logps(policy, group)
             group["ref_logps"] = per_token_logps(reference[0], group)
+        mask = group["loss_mask"]
+        if critic is None:
+            group["advantages"] = group_advantages(group["rewards"], r.group_size)[:, None] * mask
+            group["value_loss"] = torch.zeros_like(group["rewards"])
+        else:
+            ppo_targets(group, critic)
+        return iter(split(group))
+
+    def split(group: dict) -> list[dict]:
         mbs = t.micro_batch_size
-        return iter([{k: v[m * mbs:(m + 1) * mbs] for k, v in group.items()} for m in range(count)])
+        return [{k: v[m * mbs:(m + 1) * mbs] for k, v in group.items()} for m in range(count)]
+
+    def ppo_targets(group: dict, critic) -> None:
+        """GAE on per-token rewards (KL penalty, plus the sequence reward on its last token), then
+        one critic step on the clipped value loss; the rows get advantages and the critic's loss."""
+        from kiln.alignment.losses import gae, whiten
+        from kiln.alignment.rm import last_positions
+
+        mask = group["loss_mask"]
+        with torch.no_grad():
+            critic.chunks[0].eval()
+            values = critic.chunks[0](group["tokens"], group["position_ids"], None)[..., 0].float() * mask
+            critic.chunks[0].train()
+        rewards = -r.kl_coef * (group["old_logps"] - group["ref_logps"]) * mask
+        rows = torch.arange(mask.size(0), device=mask.device)
+        rewards[rows, last_positions(mask)] += group["rewards"]
+        advantages, returns = gae(rewards, values, mask, r.gamma, r.lam)
+        group["advantages"] = whiten(advantages, mask)
+        group["returns"], group["old_values"] = returns, values
+        result = train_step(critic, lambda: iter(split(group)), count, seq, t.micro_batch_size,
+                            value_forward_step(r.value_clip_eps), ("value_loss",))
+        group["value_loss"] = torch.full_like(group["rewards"], result["value_loss"])
 
     task = loop.Task(
         name="rlhf", batches=rollouts, forward_step=grpo_forward_step(cfg),
-        tokens_per_step=t.global_batch_size * seq, report_names=("loss", "reward", "kl", "completion_tokens"),
+        tokens_per_step=t.global_batch_size * seq, report_names=REPORTS,
         tokenizer=cfg.data.tokenizer,
-        describe=f" | GRPO {r.prompts_per_step} prompts x {r.group_size}, reward {r.reward}",
+        describe=f" | {r.algorithm.upper()} {r.prompts_per_step} prompts x {r.group_size}, reward {r.reward}",
+        companions={"critic": critic} if critic is not None else {},
     )
     summary = loop.train(cfg, engine, task, rank, world, device)
     if rank == 0 and "steps" in summary:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln import overrides
@@ -33,6 +33,9 @@ class Task:
     # and a resume first loads the base weights again
     new_keys: Callable[[str], bool] | None = None
     adapter_only: bool = False
+    # other engines trained alongside (a PPO critic): checkpointed with the same step under
+    # <checkpoint_dir>/<name>/ just before the main checkpoint, and resumed from that step
+    companions: dict = field(default_factory=dict)
 
 
 class StepRunner:
@@ -83,6 +86,9 @@ def save(cfg, engine, step: int, task: Task) -> None:
     # the model config and tokenizer travel with the weights, so conversion needs nothing else
     state = {"consumed_samples": step * cfg.train.global_batch_size, "model": overrides.to_dict(cfg.model),
              "tokenizer": os.path.abspath(task.tokenizer) if task.tokenizer else None}
+    for name, companion in task.companions.items():  # first: the main `latest` marker commits the step
+        ckpt.save(Path(cfg.checkpoint_dir) / name, step, companion.chunks, companion.optimizer,
+                  companion.scheduler, state, cfg.checkpoint.keep_last)
     ckpt.save(cfg.checkpoint_dir, step, engine.chunks, engine.optimizer, engine.scheduler, state,
               cfg.checkpoint.keep_last, skip=_base_keys(task))
 
@@ -102,6 +108,9 @@ def train(cfg, engine, task: Task, rank: int, world: int, device) -> dict:
             ckpt.load(cfg.checkpoint.load_weights, engine.chunks, fresh=task.new_keys)
         start_step = ckpt.load(source, engine.chunks, engine.optimizer, engine.scheduler,
                                fresh=_base_keys(task))["step"]
+        for name, companion in task.companions.items():
+            ckpt.load(Path(cfg.checkpoint_dir) / name / ckpt.name(start_step), companion.chunks,
+                      companion.optimizer, companion.scheduler)
     elif cfg.checkpoint.load_weights:
         source = ckpt.resolve(cfg.checkpoint.load_weights)
         ckpt.load(source, engine.chunks, fresh=task.new_keys)

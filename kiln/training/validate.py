@@ -139,12 +139,6 @@ def validate(cfg: PretrainConfig, world_size: int) -> None:
             "data.blend is empty: give an indexed dataset prefix (the path without .bin/.idx), "
             "e.g. data.blend=[data/corpus_text_document], made by `kiln prepare`"
         )
-    adapter_run = getattr(getattr(cfg, "lora", None), "enabled", False)  # resumes on top of load_weights
-    if cfg.checkpoint.resume and cfg.checkpoint.load_weights and not adapter_run:
-        raise ConfigError(
-            "checkpoint.resume and checkpoint.load_weights are both set: resume continues a run "
-            "with its optimizer, load_weights starts a new one from weights; choose one"
-        )
 
 
 def _validate_finetune(cfg) -> None:

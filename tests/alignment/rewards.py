@@ -1,5 +1,6 @@
-"""A rule-based reward for the GRPO test: how often the completion says "the"."""
+"""A rule-based reward for the RLHF tests: dense enough that 12 sampled tokens carry a signal."""
 
 
-def says_the(prompts: list[str], completions: list[str]) -> list[float]:
-    return [c.lower().split().count("the") / max(len(c.split()), 1) for c in completions]
+def letter_a(prompts: list[str], completions: list[str]) -> list[float]:
+    """The share of the completion's characters that are the letter 'a'."""
+    return [c.count("a") / max(len(c), 1) for c in completions]

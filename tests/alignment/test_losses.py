@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kiln.alignment.losses import bradley_terry_loss, dpo_loss, group_advantages, kl_penalty
+from kiln.alignment.losses import bradley_terry_loss, dpo_loss, gae, group_advantages, kl_penalty
 from kiln.config import DPOLossConfig
 
 trl = pytest.importorskip("trl")
@@ -84,3 +84,18 @@ def test_bradley_terry_group_advantages_and_kl():
     assert adv[:3].mean().abs() < 1e-6 and adv[0] < 0 < adv[2] and adv[3:].abs().max() < 1e-3
     logp = torch.log(torch.tensor([0.2, 0.5]))
     assert kl_penalty(logp, logp).abs().max() == 0 and (kl_penalty(logp, logp - 1) > 0).all()
+
+
+def test_gae_matches_a_hand_computation():
+    rewards = torch.tensor([[0.0, 0.1, 0.2, 1.0, 0.0]])
+    values = torch.tensor([[9.0, 0.5, 0.4, 0.3, 9.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])  # generated tokens at positions 1-3
+    gamma, lam = 0.9, 0.8
+    d3 = 1.0 - 0.3
+    d2 = 0.2 + gamma * 0.3 - 0.4
+    d1 = 0.1 + gamma * 0.4 - 0.5
+    a3, a2 = d3, d2 + gamma * lam * d3
+    a1 = d1 + gamma * lam * a2
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(adv, torch.tensor([[0.0, a1, a2, a3, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.0, a1 + 0.5, a2 + 0.4, a3 + 0.3, 0.0]]))

@@ -104,7 +104,7 @@ def test_reward_model_beats_chance(base, demo_data, tmp_path):
 
 def test_grpo_raises_a_rule_based_reward(base, demo_data, tmp_path):
     metrics = _run("rlhf", 1, base, demo_data, tmp_path / "rlhf", "train.steps=10", "logging.log_interval=1",
-                   "rlhf.reward=tests.alignment.rewards:says_the", "optimizer.lr=3e-3", "optimizer.min_lr=3e-3",
+                   "rlhf.reward=tests.alignment.rewards:letter_a", "optimizer.lr=3e-3", "optimizer.min_lr=3e-3",
                    "rlhf.kl_coef=0.0")
     early = sum(metrics[s]["reward"] for s in (1, 2, 3)) / 3
     late = sum(metrics[s]["reward"] for s in (8, 9, 10)) / 3
@@ -124,3 +124,31 @@ def test_aligner_backend_renders_the_dpo_command(tmp_path):
         assert arg in command
     with pytest.raises(ValueError, match="restores a .nemo file"):
         render("dpo", cfg, "/models/base_dir")
+
+
+def test_ppo_raises_a_rule_based_reward_and_resumes_exactly(base, demo_data, tmp_path):
+    ppo = ["rlhf.algorithm=ppo", "rlhf.reward=tests.alignment.rewards:letter_a", "optimizer.lr=3e-3",
+           "optimizer.min_lr=3e-3", "logging.log_interval=1", "checkpoint.save_interval=2"]
+    metrics = _run("rlhf", 1, base, demo_data, tmp_path / "ppo", "train.steps=10", *ppo)
+    early = sum(metrics[s]["reward"] for s in (1, 2, 3)) / 3
+    late = sum(metrics[s]["reward"] for s in (8, 9, 10)) / 3
+    assert late > early, {s: m["reward"] for s, m in metrics.items()}
+    # policy and critic checkpoint together: 2 steps, a new process, 2 more = 4 straight steps
+    _run("rlhf", 1, base, demo_data, tmp_path / "split", "train.steps=4", "train.stop_after_steps=2", *ppo)
+    split = _run("rlhf", 1, base, demo_data, tmp_path / "split", "train.steps=4", "checkpoint.resume=true", *ppo)
+    assert (tmp_path / "split" / "checkpoints" / "critic" / "iter_0000002").exists()
+    _same_losses({s: metrics[s] for s in (1, 2, 3, 4)}, split, keys=("reward", "value_loss", "kl"), tol=1e-6)
+
+
+def test_greedy_generation_under_tp2_equals_one_process(base, demo_data, tmp_path):
+    greedy = ["train.steps=1", "schedule.warmup_steps=0", "rlhf.reward=tests.alignment.rewards:letter_a",
+              "rlhf.generation.temperature=0"]
+    _run("rlhf", 1, base, demo_data, tmp_path / "one", *greedy)
+    _run("rlhf", 2, base, demo_data, tmp_path / "tp", *greedy, *TP2)
+
+    def tokens(run):
+        return [json.loads(line)["tokens"] for line in (run / "rollouts.jsonl").read_text().splitlines()]
+
+    one = tokens(tmp_path / "one")
+    assert len(one) == 8 and all(len(t) > 0 for t in one)
+    assert tokens(tmp_path / "tp") == one
