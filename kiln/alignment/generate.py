@@ -2,8 +2,11 @@
 
 Every TP rank runs the same forward (logits gathered over TP) and draws with the same seeded
 CPU generator, so all TP ranks produce identical tokens without a broadcast, and the result
-does not depend on the TP size. Pipeline-parallel generation is not implemented: validation
-refuses RLHF with parallel.pp > 1.
+does not depend on the TP size. Under PP each forward walks the stages in order: a stage
+receives the previous stage's hidden states, runs its layers (each stage keeps the KV cache of
+its own layers) and sends its output on; the last stage samples, and the new tokens are
+broadcast to every stage of the pipeline for the next step. megatron-core's own inference
+engines do this with CUDA-only machinery, so kiln does it with plain send/recv here.
 """
 
 from __future__ import annotations
@@ -41,11 +44,18 @@ def generate(model, prompt: list[int], count: int, gen: GenerationConfig, stop: 
     tokens = torch.tensor([prompt] * count, device=device)
     context = StaticInferenceContext(count, len(prompt) + gen.max_new_tokens)
 
-    def last_logits(inputs: torch.Tensor, start: int) -> torch.Tensor:
+    stages = Stages(model)
+
+    def last_logits(inputs: torch.Tensor, start: int) -> torch.Tensor | None:
+        """The last position's logits on the last stage (None on the others)."""
         positions = torch.arange(start, start + inputs.size(1), device=device).expand(count, -1)
-        logits = model(inputs, positions, None, inference_context=context, runtime_gather_output=True)
+        stages.receive(inputs.size(1), count)
+        out = model(inputs, positions, None, inference_context=context, runtime_gather_output=True)
         context.sequence_len_offset += inputs.size(1)
-        return logits[:, -1, :vocab_size]  # the padded vocabulary rows are never sampled
+        if not stages.last:
+            stages.send(out)
+            return None
+        return out[:, -1, :vocab_size]  # the padded vocabulary rows are never sampled
 
     was_training = model.training
     model.eval()
@@ -54,7 +64,8 @@ def generate(model, prompt: list[int], count: int, gen: GenerationConfig, stop: 
         out: list[list[int]] = [[] for _ in range(count)]
         done = torch.zeros(count, dtype=torch.bool)
         for i in range(gen.max_new_tokens):
-            nxt = sample(logits, gen, generator)
+            drawn = sample(logits, gen, generator) if stages.last else torch.zeros(count, dtype=torch.long)
+            nxt = stages.share(drawn)
             for row in range(count):
                 if not done[row]:
                     out[row].append(int(nxt[row]))
@@ -65,3 +76,38 @@ def generate(model, prompt: list[int], count: int, gen: GenerationConfig, stop: 
     finally:
         model.train(was_training)
     return out
+
+
+class Stages:
+    """This rank's place in the pipeline, for stage-by-stage generation."""
+
+    def __init__(self, model):
+        from megatron.core import parallel_state as ps
+        from megatron.core.utils import get_attr_wrapped_model
+
+        self.ps, self.model = ps, model
+        self.size = ps.get_pipeline_model_parallel_world_size()
+        self.first, self.last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        self.set_input = get_attr_wrapped_model(model, "set_input_tensor")
+        self.config = get_attr_wrapped_model(model, "config")
+        self.device = next(model.parameters()).device
+
+    def receive(self, tokens: int, rows: int) -> None:
+        if self.first:
+            return
+        hidden = torch.empty(tokens, rows, self.config.hidden_size, dtype=self.config.params_dtype,
+                             device=self.device)
+        torch.distributed.recv(hidden, src=self.ps.get_pipeline_model_parallel_prev_rank())
+        self.set_input(hidden)
+
+    def send(self, hidden: torch.Tensor) -> None:
+        torch.distributed.send(hidden.contiguous(), dst=self.ps.get_pipeline_model_parallel_next_rank())
+
+    def share(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The last stage's sampled tokens, on every stage."""
+        if self.size == 1:
+            return tokens
+        out = tokens.to(self.device)
+        torch.distributed.broadcast(out, src=self.ps.get_pipeline_model_parallel_last_rank(),
+                                    group=self.ps.get_pipeline_model_parallel_group())
+        return out.cpu()

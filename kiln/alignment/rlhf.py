@@ -41,8 +41,8 @@ def rlhf(cfg: RLHFConfig) -> dict:
 def check(cfg: RLHFConfig, world: int) -> None:
     r = cfg.rlhf
     dp = cfg.parallel.dp(world)
-    if cfg.parallel.pp > 1 or cfg.parallel.vpp:
-        raise ConfigError("parallel.pp>1: RLHF generation runs under TP and DP only; set parallel.pp=1")
+    if cfg.parallel.vpp:
+        raise ConfigError("parallel.vpp: RLHF generation walks the pipeline one stage per rank; unset parallel.vpp")
     if r.prompts_per_step * r.group_size != cfg.train.global_batch_size:
         raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} must equal rlhf.prompts_per_step "
                           f"x rlhf.group_size = {r.prompts_per_step * r.group_size} (sequences per step)")
@@ -95,20 +95,62 @@ class Rewards:
             chunks, _ = build_model(rm_cfg.model, cfg.parallel, resolve_precision(cfg.train.precision), device,
                                     False, transform)
             ckpt.load(spec, chunks)
-            self.model = chunks[0]
-            self.model.eval()
+            self.chunks = chunks
 
-    @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], batch: dict) -> torch.Tensor:
+        """One reward per completion, on every rank."""
         if self.function is not None:
             return torch.tensor([float(r) for r in self.function(prompts, completions)], device=self.device)
         from kiln.alignment.rm import scores
 
-        return scores(self.model(batch["tokens"], batch["position_ids"], None), batch["loss_mask"])
+        rows = batch["tokens"].size(0)
+        found = pipeline_forward(self.chunks, batch, rows, self.cfg.train.seq_length,
+                                 lambda values, b: scores(values, b["loss_mask"]))
+        return from_last_stage(found, torch.zeros(rows, device=self.device))
 
 
-def per_token_logps(model, batch: dict) -> torch.Tensor:
-    return -model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).float()
+def pipeline_forward(chunks: list, group: dict, rows: int, seq: int, outputs,
+                     labels: bool = False) -> torch.Tensor | None:
+    """Forward-only over `group` in microbatches of `rows`, through megatron-core's pipeline
+    schedule: `outputs(model_output, batch)` per microbatch, concatenated, on the last pipeline
+    stage; None on the others."""
+    from kiln.training.engine import run_schedule
+
+    count = group["tokens"].size(0) // rows
+    batches = [{k: v[m * rows:(m + 1) * rows] for k, v in group.items()} for m in range(count)]
+
+    def forward_step(batch, model):
+        out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"] if labels else None)
+        return out, lambda o: (o.sum() * 0, torch.tensor(1), {"out": outputs(o, batch).detach()})
+
+    for chunk in chunks:
+        chunk.eval()
+    try:
+        with torch.no_grad():
+            reports = run_schedule(chunks, lambda: iter(batches), count, seq, rows, forward_step, forward_only=True)
+    finally:
+        for chunk in chunks:
+            chunk.train()
+    return torch.cat([r["out"] for r in reports]) if reports else None
+
+
+def token_logps(per_token_loss: torch.Tensor, _batch: dict) -> torch.Tensor:
+    return -per_token_loss.float()
+
+
+def token_values(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    return values[..., 0].float() * batch["loss_mask"]
+
+
+def from_last_stage(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """`value` (held by the last pipeline stage) on every stage of this pipeline."""
+    from megatron.core import parallel_state as ps
+
+    out = value if value is not None else torch.zeros_like(like)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(out, src=ps.get_pipeline_model_parallel_last_rank(),
+                                    group=ps.get_pipeline_model_parallel_group())
+    return out
 
 
 def grpo_forward_step(cfg: RLHFConfig):
@@ -183,7 +225,6 @@ def _train(cfg: RLHFConfig, rank: int, world: int, device, started: float, reque
     engine = build_engine(cfg, device)
     reference, _ = build_model(cfg.model, cfg.parallel, resolve_precision(cfg.train.precision), device, False)
     ckpt.load(cfg.checkpoint.load_weights, reference)
-    reference[0].eval()
     rewards = Rewards(cfg, device)
     r, t, seq = cfg.rlhf, cfg.train, cfg.train.seq_length
     pad = eod_id(tokenizer)
@@ -215,9 +256,10 @@ def _train(cfg: RLHFConfig, rank: int, world: int, device, started: float, reque
                                               "tokens": c, "reward": reward}) + "\n")
         group = {k: torch.cat([b[k] for b in rows]) for k in rows[0]}
         group["rewards"] = torch.cat(reward_list)
-        with torch.no_grad():
-            group["old_logps"] = per_token_logps(policy, group)
-            group["ref_logps"] = per_token_logps(reference[0], group)
+        placeholder = torch.zeros(group["tokens"].shape, device=device)  # stages before the last
+        for key, chunks in (("old_logps", engine.chunks), ("ref_logps", reference)):
+            found = pipeline_forward(chunks, group, t.micro_batch_size, seq, token_logps, labels=True)
+            group[key] = found if found is not None else placeholder
         mask = group["loss_mask"]
         if critic is None:
             group["advantages"] = group_advantages(group["rewards"], r.group_size)[:, None] * mask
@@ -237,10 +279,8 @@ def _train(cfg: RLHFConfig, rank: int, world: int, device, started: float, reque
         from kiln.alignment.rm import last_positions
 
         mask = group["loss_mask"]
-        with torch.no_grad():
-            critic.chunks[0].eval()
-            values = critic.chunks[0](group["tokens"], group["position_ids"], None)[..., 0].float() * mask
-            critic.chunks[0].train()
+        values = pipeline_forward(critic.chunks, group, t.micro_batch_size, seq, token_values)
+        values = values if values is not None else torch.zeros_like(group["old_logps"])  # unused off the last stage
         rewards = -r.kl_coef * (group["old_logps"] - group["ref_logps"]) * mask
         rows = torch.arange(mask.size(0), device=mask.device)
         rewards[rows, last_positions(mask)] += group["rewards"]

@@ -140,15 +140,18 @@ def test_ppo_raises_a_rule_based_reward_and_resumes_exactly(base, demo_data, tmp
     _same_losses({s: metrics[s] for s in (1, 2, 3, 4)}, split, keys=("reward", "value_loss", "kl"), tol=1e-6)
 
 
-def test_greedy_generation_under_tp2_equals_one_process(base, demo_data, tmp_path):
+def test_greedy_generation_and_grpo_under_tp2_and_pp2_equal_one_process(base, demo_data, tmp_path):
     greedy = ["train.steps=1", "schedule.warmup_steps=0", "rlhf.reward=tests.alignment.rewards:letter_a",
-              "rlhf.generation.temperature=0"]
-    _run("rlhf", 1, base, demo_data, tmp_path / "one", *greedy)
-    _run("rlhf", 2, base, demo_data, tmp_path / "tp", *greedy, *TP2)
+              "rlhf.generation.temperature=0", "logging.log_interval=1"]
+    one = _run("rlhf", 1, base, demo_data, tmp_path / "one", *greedy)
+    tp = _run("rlhf", 2, base, demo_data, tmp_path / "tp", *greedy, *TP2)
+    pp = _run("rlhf", 2, base, demo_data, tmp_path / "pp", *greedy, "parallel.pp=2")
 
     def tokens(run):
         return [json.loads(line)["tokens"] for line in (run / "rollouts.jsonl").read_text().splitlines()]
 
-    one = tokens(tmp_path / "one")
-    assert len(one) == 8 and all(len(t) > 0 for t in one)
-    assert tokens(tmp_path / "tp") == one
+    assert len(tokens(tmp_path / "one")) == 8 and all(tokens(tmp_path / "one"))
+    assert tokens(tmp_path / "tp") == tokens(tmp_path / "one")
+    assert tokens(tmp_path / "pp") == tokens(tmp_path / "one")
+    _same_losses(one, tp, keys=("loss", "reward", "kl"))
+    _same_losses(one, pp, keys=("loss", "reward", "kl"))
