@@ -143,12 +143,22 @@ def run(pipeline: PipelineConfig, launch: LaunchConfig, dryrun: bool = False, de
         return 0
     for task in tasks:  # a stale artifact is moved aside, so the rerun starts clean
         _set_aside(Path(STAGES[task.name].artifact_dir(task.cfg)))
-    result = submit.submit(title, tasks, launch, detach=detach)
-    if detach:
-        echo(f"submitted experiment {result.experiment_id} ({result.experiment_dir})")
-        return 0
+    if launch.executor == "slurm":  # one submission: Slurm's afterok chains the stages
+        result = submit.submit(title, tasks, launch, detach=detach)
+        if detach:
+            echo(f"submitted experiment {result.experiment_id} ({result.experiment_dir})")
+            return 0
+        ok = result.ok
+    else:  # NeMo-Run runs local and Docker DAGs level by level but ignores failures: go one by one
+        ok = True
+        for task in tasks:
+            result = submit.submit(f"{title}-{task.name}", [dataclasses.replace(task, after=[])], launch)
+            if not result.ok:
+                echo(f"{task.name} failed ({result.states}); the stages after it were not started")
+                ok = False
+                break
     echo(status_table(pipeline))
-    return 0 if result.ok else 1
+    return 0 if ok else 1
 
 
 def _set_aside(artifact: Path) -> None:

@@ -73,3 +73,12 @@ def test_full_tiny_pipeline_validates_and_renders(capsys):
     assert pl.run(tiny(root="runs/never-written"), LaunchConfig(), dryrun=True, echo=lines.append) == 0
     ran = [line.split()[0] for line in lines if " run (" in line]
     assert ran == ["prepare", "pretrain", "sft", "dpo", "rm", "rlhf", "convert", "export"]
+
+
+def test_a_failing_stage_stops_the_stages_after_it(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "fine"}\n{broken\n')
+    root, lines = tmp_path / "pipe", []
+    assert pl.run(make(root, corpus), LaunchConfig(experiments_dir=str(tmp_path / "home")), echo=lines.append) == 1
+    assert any(line.startswith("prepare failed") for line in lines), lines
+    assert not (root / "pretrain").exists()
