@@ -2,6 +2,7 @@
 
     kiln prepare --input corpus.jsonl --output data/prepared [--vocab-size 8192 | --tokenizer DIR]
     kiln pretrain --recipe tiny [field.path=value ...] [--nproc N] [--resume] [--dryrun]
+    kiln curate --input raw.jsonl.zst --output data/curated [--pii]
     kiln sft|dpo|rm|rlhf --recipe tiny [field.path=value ...]
     kiln convert SOURCE --to hf|megatron|nemo2|nemo --output DIR
     kiln export SOURCE --to trtllm --output DIR --tp 2
@@ -152,6 +153,14 @@ def _stage_from_flags(stage_name: str, cfg, args) -> int:
     return result
 
 
+def cmd_curate(args) -> int:
+    from kiln.config import CurateConfig
+
+    cfg = CurateConfig(inputs=args.input, output_dir=args.output, text_field=args.text_field, pii=args.pii,
+                       strict=args.strict, workers=args.workers)
+    return _stage_from_flags("curate", cfg, args)
+
+
 def cmd_convert(args) -> int:
     from kiln.config import ConvertConfig
 
@@ -181,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("curate", help="normalize, redact PII and deduplicate a raw corpus")
+    p.add_argument("--input", action="append", required=True, help="JSONL (.jsonl, .gz, .zst) or Parquet (repeatable)")
+    p.add_argument("--output", required=True, help="output directory: curated_*.jsonl + curation_report.json")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--pii", action="store_true", help="redact emails, IP addresses, phone and card numbers")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of counting it")
+    p.add_argument("--workers", type=int, default=2)
+    add_launch_args(p)
+    p.add_argument("overrides", nargs="*", help="field=value, e.g. jaccard_threshold=0.85 fuzzy_dedup=false")
+    p.set_defaults(func=cmd_curate)
 
     p = sub.add_parser("prepare", help="tokenize JSONL text into a Megatron indexed dataset")
     p.add_argument("--input", action="append", required=True, help="JSONL file (repeatable)")

@@ -339,3 +339,25 @@ class RLHFAlgoConfig:
 class RLHFConfig(FinetuneConfig):
     run_dir: str = "runs/rlhf"
     rlhf: RLHFAlgoConfig = field(default_factory=RLHFAlgoConfig)
+
+
+@dataclass
+class CurateConfig(StageConfig):
+    """`kiln curate`: raw JSONL (.jsonl, .jsonl.gz, .jsonl.zst) or Parquet -> normalized,
+    PII-redacted, deduplicated JSONL shards plus curation_report.json."""
+
+    inputs: list = field(default_factory=list)
+    output_dir: str = "data/curated"
+    text_field: str = "text"
+    id_field: str | None = "id"  # None, or a record without it: "<file>:<line>" is the id
+    normalize: bool = True  # NFKC, mojibake repair (ftfy), control and zero-width characters, whitespace
+    exact_dedup: bool = True
+    fuzzy_dedup: bool = True
+    jaccard_threshold: float = 0.8  # near-duplicates: estimated Jaccard of word n-gram sets
+    ngram: int = 5  # words per shingle
+    num_perm: int = 128  # MinHash permutations; bands x rows are derived from the threshold
+    pii: bool = False  # redact emails, IP addresses, phone and credit-card numbers
+    workers: int = 2  # processes for normalization and MinHash
+    docs_per_shard: int = 100_000
+    max_line_bytes: int = 10_000_000  # longer input lines are bad input
+    strict: bool = False  # stop at the first bad record instead of skipping and counting it

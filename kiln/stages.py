@@ -15,6 +15,7 @@ import yaml
 from kiln import overrides
 from kiln.config import (
     ConvertConfig,
+    CurateConfig,
     DPOConfig,
     ExportConfig,
     PrepareConfig,
@@ -53,6 +54,7 @@ def _load(target: str):
 STAGES = {
     s.name: s
     for s in (
+        Stage("curate", CurateConfig, "kiln.curation.curate:curate", distributed=False),
         Stage("prepare", PrepareConfig, "kiln.data.prepare:prepare", distributed=False),
         Stage("pretrain", PretrainConfig, "kiln.training.pretrain:pretrain", distributed=True,
               artifact="run_dir", validator="kiln.training.validate:validate"),

@@ -1,0 +1,1 @@
+"""Curation: corpus cleaning, PII redaction and deduplication (`kiln curate`)."""

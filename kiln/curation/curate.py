@@ -1,0 +1,178 @@
+"""`kiln curate`: read -> normalize (+ redact PII) -> exact dedup -> fuzzy dedup -> write shards.
+
+Two passes with bounded memory: the first streams the inputs through worker processes in
+chunks (normalized, redacted text is spilled to a temp file; only a 16-byte digest and a
+MinHash signature per document stay in memory), the second streams the spill and writes the
+kept documents. Output appears under its final name only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from itertools import islice
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from kiln.artifact import atomic_dir, atomic_write_text, write_manifest
+from kiln.config import ConfigError, CurateConfig
+from kiln.curation import dedup
+from kiln.curation.io import BadInput, Document, read_documents, write_shards
+
+CHUNK = 512  # documents per worker task
+
+
+def _validate(cfg: CurateConfig) -> None:
+    if not cfg.inputs:
+        raise ConfigError("inputs is empty: give JSONL (.jsonl, .gz, .zst) or Parquet files")
+    if not 0 < cfg.jaccard_threshold < 1:
+        raise ConfigError(f"jaccard_threshold={cfg.jaccard_threshold}: give a Jaccard similarity in (0, 1), e.g. 0.8")
+    if cfg.ngram < 1 or cfg.num_perm < 8 or cfg.workers < 1 or cfg.docs_per_shard < 1:
+        raise ConfigError("ngram, workers and docs_per_shard must be positive and num_perm at least 8")
+
+
+def _process(args) -> list[tuple[str, bytes, np.ndarray | None, Counter]]:
+    """Worker: per document, the text to write, the digest of its normalized content, its
+    MinHash signature and the PII it redacted."""
+    texts, normalize_text, pii, ngram, num_perm = args
+    from kiln.curation.normalize import normalize
+    from kiln.curation.pii import redact
+
+    a, b = dedup.permutations(num_perm)
+    out = []
+    for text in texts:
+        clean = normalize(text) if normalize_text else text
+        digest = hashlib.blake2b(clean.encode(), digest_size=16).digest()
+        sig = dedup.signature(dedup.shingle_hashes(clean, ngram), a, b) if num_perm else None
+        counts: Counter = Counter()
+        out.append((redact(clean, counts) if pii else clean, digest, sig, counts))
+    return out
+
+
+def _chunks(iterable, size):
+    it = iter(iterable)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def curate(cfg: CurateConfig) -> dict:
+    _validate(cfg)
+    started = time.time()
+    bad, pii_counts = BadInput(), Counter()
+    stats = {"read": Counter(), "normalize": Counter(), "exact_dedup": Counter(), "fuzzy_dedup": Counter()}
+    seconds = Counter()
+    digests, signatures = [], []
+    output = Path(cfg.output_dir)
+    with atomic_dir(output) as tmp:
+        spill = tmp / ".spill.jsonl"
+        tic = time.perf_counter()
+        with open(spill, "w", encoding="utf-8") as f, get_context("fork").Pool(cfg.workers) as pool:
+            # a window of chunks at a time: Pool.imap would read the whole input ahead
+            for window in _chunks(_chunks(read_documents(cfg, bad), CHUNK), 2 * cfg.workers):
+                args = [([d.text for d in chunk], cfg.normalize, cfg.pii, cfg.ngram,
+                         cfg.num_perm if cfg.fuzzy_dedup else 0) for chunk in window]
+                for chunk, result in zip(window, pool.map(_process, args), strict=True):
+                    for doc, (text, digest, sig, counts) in zip(chunk, result, strict=True):
+                        stats["read"]["docs"] += 1
+                        stats["read"]["bytes"] += len(doc.text.encode())
+                        stats["normalize"]["bytes_out"] += len(text.encode())
+                        pii_counts.update(counts)
+                        digests.append(digest)
+                        if sig is not None:
+                            signatures.append(sig)
+                        f.write(json.dumps({"id": doc.id, "source": doc.source, "text": text},
+                                           ensure_ascii=False) + "\n")
+        seconds["read+normalize+minhash"] = time.perf_counter() - tic
+        n = len(digests)
+        if n == 0:
+            raise ValueError(f"no usable documents in {cfg.inputs}: {dict(bad.counts)} (see the report's examples)")
+
+        keep = np.ones(n, dtype=bool)
+        tic = time.perf_counter()
+        exact_clusters = Counter()
+        if cfg.exact_dedup:
+            first: dict[bytes, int] = {}
+            for i, digest in enumerate(digests):
+                if digest in first:
+                    keep[i] = False
+                    exact_clusters[first[digest]] += 1
+                else:
+                    first[digest] = i
+        stats["exact_dedup"].update(docs_in=n, removed=int((~keep).sum()), clusters=len(exact_clusters))
+        seconds["exact_dedup"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        fuzzy_sizes = Counter()
+        if cfg.fuzzy_dedup:
+            alive = np.flatnonzero(keep)
+            roots = dedup.fuzzy_clusters(np.stack([signatures[i] for i in alive]), cfg.jaccard_threshold)
+            members = Counter(roots.tolist())
+            fuzzy_sizes = Counter(size for size in members.values() if size > 1)
+            keep[alive[roots != np.arange(len(alive))]] = False
+            stats["fuzzy_dedup"].update(docs_in=len(alive), removed=int(len(alive) - keep.sum()),
+                                        clusters=sum(fuzzy_sizes.values()))
+        seconds["fuzzy_dedup"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        shards = write_shards(tmp, _kept(spill, keep), cfg.docs_per_shard)
+        spill.unlink()
+        seconds["write"] = time.perf_counter() - tic
+        report = _report(cfg, stats, seconds, bad, pii_counts, fuzzy_sizes, int(keep.sum()), shards, started)
+        atomic_write_text(tmp / "curation_report.json", json.dumps(report, indent=2) + "\n")
+    write_manifest(str(output), "curate", cfg, list(cfg.inputs), report, started)
+    _print_summary(report)
+    return report
+
+
+def _kept(spill: Path, keep: np.ndarray):
+    with open(spill, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if keep[i]:
+                record = json.loads(line)
+                yield Document(record["id"], record["source"], record["text"])
+
+
+def _report(cfg, stats, seconds, bad, pii_counts, fuzzy_sizes, kept, shards, started) -> dict:
+    docs = stats["read"]["docs"]
+    return {
+        "inputs": list(cfg.inputs),
+        "documents_in": docs + sum(bad.counts.values()),
+        "documents_out": kept,
+        "bytes_in": stats["read"]["bytes"],
+        "bytes_after_normalize": stats["normalize"]["bytes_out"],
+        "bad_input": {"counts": dict(bad.counts), "examples": bad.examples},
+        "exact_dedup": dict(stats["exact_dedup"]),
+        "fuzzy_dedup": {**dict(stats["fuzzy_dedup"]),
+                        "cluster_sizes": {str(k): v for k, v in sorted(fuzzy_sizes.items())},
+                        "jaccard_threshold": cfg.jaccard_threshold,
+                        "bands_rows": list(dedup.lsh_params(cfg.jaccard_threshold, cfg.num_perm))},
+        "pii": dict(pii_counts) if cfg.pii else None,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "docs_per_second": {k: round(docs / v, 1) for k, v in seconds.items() if v > 0},
+        "shards": shards,
+        "wall_seconds": round(time.time() - started, 3),
+    }
+
+
+def _print_summary(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="kiln curate")
+    for column in ("stage", "documents", "removed", "detail"):
+        table.add_column(column)
+    bad = sum(report["bad_input"]["counts"].values())
+    table.add_row("read", str(report["documents_in"]), str(bad), ", ".join(
+        f"{k} {v}" for k, v in report["bad_input"]["counts"].items()) or "no bad input")
+    for stage in ("exact_dedup", "fuzzy_dedup"):
+        s = report[stage]
+        if s:
+            table.add_row(stage, str(s.get("docs_in", 0)), str(s.get("removed", 0)), f"{s.get('clusters', 0)} clusters")
+    if report["pii"] is not None:
+        table.add_row("pii", "", "", ", ".join(f"{k} {v}" for k, v in report["pii"].items()) or "none found")
+    table.add_row("write", str(report["documents_out"]), "", f"{len(report['shards'])} shard(s)")
+    Console().print(table)

@@ -1,0 +1,133 @@
+"""Reading raw corpora (JSONL plain, .gz or .zst, and Parquet) and writing curated shards.
+
+Every document keeps its id (the id field, or `<file>:<line>`) and its source file. Bad input
+(malformed JSON, invalid UTF-8, a missing or non-string text field, an empty document, an
+over-long line) is counted and located by file and line, then skipped, or stops the run with
+`strict`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln.config import CurateConfig
+
+
+class CurationInputError(ValueError):
+    """Bad input under `strict`; the message names the file, the line and the problem."""
+
+
+@dataclass
+class Document:
+    id: str
+    source: str
+    text: str
+
+
+@dataclass
+class BadInput:
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)  # the first 20, as file:line: reason
+
+    def add(self, where: str, reason: str, kind: str, strict: bool) -> None:
+        if strict:
+            raise CurationInputError(f"{where}: {reason} (strict=false skips and counts such records)")
+        self.counts[kind] += 1
+        if len(self.examples) < 20:
+            self.examples.append(f"{where}: {reason}")
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "rb") as f:
+            yield from f
+    elif path.name.endswith(".zst"):
+        import io
+
+        import zstandard
+
+        with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as f:
+            yield from io.BufferedReader(f)
+    else:
+        with open(path, "rb") as f:
+            yield from f
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CurationInputError(f"{path}: reading Parquet needs pyarrow (pip install 'kiln[curate]')") from None
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches():
+        for record in batch.to_pylist():
+            row += 1
+            yield row, record
+
+
+def read_documents(cfg: CurateConfig, bad: BadInput) -> Iterator[Document]:
+    for name in cfg.inputs:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"inputs: {path} does not exist or is not a file")
+        if path.suffix == ".parquet":
+            records = ((f"{path}:row {row}", record) for row, record in _parquet_records(path))
+        else:
+            records = _json_records(path, cfg, bad)
+        for where, record in records:
+            text = record.get(cfg.text_field)
+            if not isinstance(text, str):
+                bad.add(where, f"field {cfg.text_field!r} is missing or not a string; set text_field", "no_text",
+                        cfg.strict)
+                continue
+            if not text.strip():
+                bad.add(where, "empty document", "empty", cfg.strict)
+                continue
+            doc_id = record.get(cfg.id_field) if cfg.id_field else None
+            yield Document(str(doc_id) if doc_id is not None else where, str(path), text)
+
+
+def _json_records(path: Path, cfg: CurateConfig, bad: BadInput) -> Iterator[tuple[str, dict]]:
+    for lineno, raw in enumerate(_lines(path), 1):
+        where = f"{path}:{lineno}"
+        if not raw.strip():
+            continue
+        if len(raw) > cfg.max_line_bytes:
+            bad.add(where, f"line of {len(raw)} bytes exceeds max_line_bytes={cfg.max_line_bytes}", "too_long",
+                    cfg.strict)
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            bad.add(where, f"invalid UTF-8 ({exc.reason})", "bad_utf8", cfg.strict)
+            continue
+        except json.JSONDecodeError as exc:
+            bad.add(where, f"not valid JSON ({exc.msg})", "bad_json", cfg.strict)
+            continue
+        if not isinstance(record, dict):
+            bad.add(where, "a line must be a JSON object", "bad_json", cfg.strict)
+            continue
+        yield where, record
+
+
+def write_shards(directory: Path, documents: Iterator[Document], per_shard: int) -> list[str]:
+    """curated_00000.jsonl, ... in `directory` (a temp dir the caller renames when complete)."""
+    shards, f, count = [], None, 0
+    try:
+        for doc in documents:
+            if f is None or count == per_shard:
+                if f is not None:
+                    f.close()
+                shards.append(f"curated_{len(shards):05d}.jsonl")
+                f, count = open(directory / shards[-1], "w", encoding="utf-8"), 0
+            f.write(json.dumps({"id": doc.id, "source": doc.source, "text": doc.text}, ensure_ascii=False) + "\n")
+            count += 1
+    finally:
+        if f is not None:
+            f.close()
+    return shards

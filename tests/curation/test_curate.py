@@ -1,0 +1,87 @@
+"""`kiln curate` on a generated corpus with planted duplicates, PII and bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from kiln.config import CurateConfig
+from kiln.curation.curate import curate
+from kiln.curation.io import CurationInputError
+from kiln.curation.pii import redact
+from kiln.curation.synthetic import generate
+
+
+def _kept_ids(out) -> list[str]:
+    return [json.loads(line)["id"] for shard in sorted(out.glob("curated_*.jsonl"))
+            for line in shard.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    return path, generate(path, 3000, seed=1)
+
+
+def test_dedup_removes_planted_copies_with_high_recall_and_precision(corpus, tmp_path):
+    path, truth = corpus
+    report = curate(CurateConfig(inputs=[str(path)], output_dir=str(tmp_path / "out"), workers=2))
+    kept = set(_kept_ids(tmp_path / "out"))
+    planted_exact, planted_near = set(truth["exact"]), set(truth["near"])
+    assert not kept & planted_exact  # every exact copy removed
+    assert min(j for _, j in truth["near"].values()) >= 0.8
+    recall = len(planted_near - kept) / len(planted_near)
+    all_ids = {json.loads(line)["id"] for line in path.read_text().splitlines()}
+    removed = all_ids - kept
+    precision = len(removed & (planted_near | planted_exact)) / len(removed)
+    assert recall >= 0.99 and precision >= 0.999, (recall, precision)
+    identical = sum(j == 1.0 for _, j in truth["near"].values())  # a substitution drew the same word
+    assert report["exact_dedup"]["removed"] == len(planted_exact) + identical
+    assert report["documents_out"] == len(kept)
+    assert json.loads((tmp_path / "out" / "curation_report.json").read_text())["fuzzy_dedup"]["clusters"] > 0
+
+
+def test_output_is_byte_identical_with_one_and_two_workers(corpus, tmp_path):
+    path, _ = corpus
+    outputs = []
+    for workers in (1, 2, 2):
+        out = tmp_path / f"out{workers}-{len(outputs)}"
+        curate(CurateConfig(inputs=[str(path)], output_dir=str(out), workers=workers, docs_per_shard=700))
+        outputs.append([p.read_bytes() for p in sorted(out.glob("curated_*.jsonl"))])
+    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) > 1
+
+
+def test_bad_input_is_counted_with_file_and_line_or_fails_strict(tmp_path):
+    path = tmp_path / "raw.jsonl.gz"
+    lines = [b'{"text": "a fine document about pottery"}', b"{broken", b'{"text": 5}', b'{"text": "   "}',
+             b'{"body": "no text field"}', b'{"text": "bad \xff utf8"}', b'{"text": "' + b"x" * 300 + b'"}',
+             b'{"text": "another fine document"}']
+    with gzip.open(path, "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    cfg = CurateConfig(inputs=[str(path)], output_dir=str(tmp_path / "out"), max_line_bytes=200, workers=1)
+    report = curate(cfg)
+    assert report["bad_input"]["counts"] == {"bad_json": 1, "no_text": 2, "empty": 1, "bad_utf8": 1, "too_long": 1}
+    assert f"{path}:2: not valid JSON" in report["bad_input"]["examples"][0]
+    assert report["documents_out"] == 2
+    cfg.strict, cfg.output_dir = True, str(tmp_path / "strict")
+    with pytest.raises(CurationInputError, match=f"{path}:2"):
+        curate(cfg)
+    assert not (tmp_path / "strict").exists()  # nothing partial under the final name
+
+
+def test_normalization_and_pii_redaction(tmp_path):
+    path = tmp_path / "pii.jsonl"
+    text = ("Caf\u00c3\u00a9 owner ada@example.com, server 192.168.0.12, call +1 415-555-0132, card "
+            "4111 1111 1111 1111, not a card 4111 1111 1111 1112.\u200b")
+    path.write_text(json.dumps({"id": "p1", "text": text}) + "\n")
+    report = curate(CurateConfig(inputs=[str(path)], output_dir=str(tmp_path / "out"), pii=True, workers=1))
+    out = json.loads((tmp_path / "out" / "curated_00000.jsonl").read_text())
+    assert out["text"].startswith("Café owner <EMAIL>, server <IP_ADDRESS>, call <PHONE>, card <CREDIT_CARD>")
+    assert "4111 1111 1111 1112" in out["text"] and "\u200b" not in out["text"]
+    assert report["pii"] == {"EMAIL": 1, "IP_ADDRESS": 1, "PHONE": 1, "CREDIT_CARD": 1}
+    from collections import Counter
+
+    counts = Counter()
+    assert redact("fe80:0:0:0:0:0:0:1 and 10.0.0.1", counts) == "<IP_ADDRESS> and <IP_ADDRESS>"
