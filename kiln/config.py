@@ -342,6 +342,30 @@ class RLHFConfig(FinetuneConfig):
 
 
 @dataclass
+class FilterConfig:
+    """NeMo Curator's heuristic filters and language id; thresholds default to Gopher / C4."""
+
+    enabled: bool = True
+    engine: Literal["kiln", "curator"] = "kiln"  # kiln: Curator's filters in kiln's worker pool; curator: a Ray pipeline
+    min_words: int = 50
+    max_words: int = 100_000
+    min_mean_word_length: float = 3.0
+    max_mean_word_length: float = 10.0
+    max_symbol_to_word_ratio: float = 0.1
+    max_non_alpha_numeric_to_text_ratio: float = 0.25
+    max_repeated_line_fraction: float = 0.7
+    max_repeated_paragraphs_ratio: float = 0.7
+    max_top_ngram_ratios: dict = field(default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16})
+    max_duplicate_ngram_ratios: dict = field(default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11,
+                                                                      10: 0.10})
+    max_bullet_lines_ratio: float = 0.9
+    max_ellipsis_lines_ratio: float = 0.3
+    max_boilerplate_string_ratio: float = 0.4
+    languages: list = field(default_factory=lambda: ["en"])  # empty: no language filter
+    min_langid_score: float = 0.3
+
+
+@dataclass
 class CurateConfig(StageConfig):
     """`kiln curate`: raw JSONL (.jsonl, .jsonl.gz, .jsonl.zst) or Parquet -> normalized,
     PII-redacted, deduplicated JSONL shards plus curation_report.json."""
@@ -351,6 +375,7 @@ class CurateConfig(StageConfig):
     text_field: str = "text"
     id_field: str | None = "id"  # None, or a record without it: "<file>:<line>" is the id
     normalize: bool = True  # NFKC, mojibake repair (ftfy), control and zero-width characters, whitespace
+    filters: FilterConfig = field(default_factory=FilterConfig)
     exact_dedup: bool = True
     fuzzy_dedup: bool = True
     jaccard_threshold: float = 0.8  # near-duplicates: estimated Jaccard of word n-gram sets

@@ -1,4 +1,5 @@
-"""`kiln curate`: read -> normalize (+ redact PII) -> exact dedup -> fuzzy dedup -> write shards.
+"""`kiln curate`: read -> normalize -> filter (NeMo Curator) -> redact PII -> exact dedup ->
+fuzzy dedup -> write shards.
 
 Two passes with bounded memory: the first streams the inputs through worker processes in
 chunks (normalized, redacted text is spilled to a temp file; only a 16-byte digest and a
@@ -35,21 +36,33 @@ def _validate(cfg: CurateConfig) -> None:
         raise ConfigError("ngram, workers and docs_per_shard must be positive and num_perm at least 8")
 
 
-def _process(args) -> list[tuple[str, bytes, np.ndarray | None, Counter]]:
+_SCREENER = None  # per worker process: the filters, with the language-id model loaded once
+
+
+def _process(args) -> list[tuple]:
     """Worker: per document, the text to write, the digest of its normalized content, its
-    MinHash signature and the PII it redacted."""
-    texts, normalize_text, pii, ngram, num_perm = args
+    MinHash signature, the PII it redacted, the filter that rejected it (or None) and its language."""
+    texts, cfg = args
     from kiln.curation.normalize import normalize
     from kiln.curation.pii import redact
 
-    a, b = dedup.permutations(num_perm)
+    global _SCREENER
+    screen = cfg.filters.enabled and cfg.filters.engine == "kiln"
+    if screen and _SCREENER is None:
+        from kiln.curation.filters import Screener
+
+        _SCREENER = Screener(cfg.filters)
+        _SCREENER.load_models()
+    a, b = dedup.permutations(cfg.num_perm)
     out = []
     for text in texts:
-        clean = normalize(text) if normalize_text else text
+        clean = normalize(text) if cfg.normalize else text
+        rejected, language = _SCREENER(clean) if screen else (None, None)
         digest = hashlib.blake2b(clean.encode(), digest_size=16).digest()
-        sig = dedup.signature(dedup.shingle_hashes(clean, ngram), a, b) if num_perm else None
+        sig = dedup.signature(dedup.shingle_hashes(clean, cfg.ngram), a, b) if cfg.fuzzy_dedup else None
         counts: Counter = Counter()
-        out.append((redact(clean, counts) if pii else clean, digest, sig, counts))
+        written = redact(clean, counts) if cfg.pii and rejected is None else clean
+        out.append((written, digest, sig, counts, rejected, language))
     return out
 
 
@@ -65,7 +78,7 @@ def curate(cfg: CurateConfig) -> dict:
     bad, pii_counts = BadInput(), Counter()
     stats = {"read": Counter(), "normalize": Counter(), "exact_dedup": Counter(), "fuzzy_dedup": Counter()}
     seconds = Counter()
-    digests, signatures = [], []
+    digests, signatures, verdicts, languages = [], [], [], Counter()
     output = Path(cfg.output_dir)
     with atomic_dir(output) as tmp:
         spill = tmp / ".spill.jsonl"
@@ -73,10 +86,11 @@ def curate(cfg: CurateConfig) -> dict:
         with open(spill, "w", encoding="utf-8") as f, get_context("fork").Pool(cfg.workers) as pool:
             # a window of chunks at a time: Pool.imap would read the whole input ahead
             for window in _chunks(_chunks(read_documents(cfg, bad), CHUNK), 2 * cfg.workers):
-                args = [([d.text for d in chunk], cfg.normalize, cfg.pii, cfg.ngram,
-                         cfg.num_perm if cfg.fuzzy_dedup else 0) for chunk in window]
+                args = [([d.text for d in chunk], cfg) for chunk in window]
                 for chunk, result in zip(window, pool.map(_process, args), strict=True):
-                    for doc, (text, digest, sig, counts) in zip(chunk, result, strict=True):
+                    for doc, (text, digest, sig, counts, rejected, language) in zip(chunk, result, strict=True):
+                        verdicts.append(rejected)
+                        languages[language or "unknown"] += 1
                         stats["read"]["docs"] += 1
                         stats["read"]["bytes"] += len(doc.text.encode())
                         stats["normalize"]["bytes_out"] += len(text.encode())
@@ -84,31 +98,41 @@ def curate(cfg: CurateConfig) -> dict:
                         digests.append(digest)
                         if sig is not None:
                             signatures.append(sig)
-                        f.write(json.dumps({"id": doc.id, "source": doc.source, "text": text},
-                                           ensure_ascii=False) + "\n")
+                        f.write(json.dumps({"id": doc.id, "source": doc.source, "text": text,
+                                            "row": len(digests) - 1}, ensure_ascii=False) + "\n")
         seconds["read+normalize+minhash"] = time.perf_counter() - tic
         n = len(digests)
         if n == 0:
             raise ValueError(f"no usable documents in {cfg.inputs}: {dict(bad.counts)} (see the report's examples)")
 
-        keep = np.ones(n, dtype=bool)
+        tic = time.perf_counter()
+        if cfg.filters.enabled and cfg.filters.engine == "curator":
+            verdicts, languages = _curator_verdicts(cfg, spill, tmp, n)
+            seconds["filters (curator)"] = time.perf_counter() - tic
+        removed_by = Counter(v for v in verdicts if v is not None)
+        keep = np.array([v is None for v in verdicts], dtype=bool)
+        stats["filters"] = Counter(docs_in=n, removed=int(n - keep.sum()))
+
         tic = time.perf_counter()
         exact_clusters = Counter()
         if cfg.exact_dedup:
             first: dict[bytes, int] = {}
             for i, digest in enumerate(digests):
+                if not keep[i]:
+                    continue
                 if digest in first:
                     keep[i] = False
                     exact_clusters[first[digest]] += 1
                 else:
                     first[digest] = i
-        stats["exact_dedup"].update(docs_in=n, removed=int((~keep).sum()), clusters=len(exact_clusters))
+        stats["exact_dedup"].update(docs_in=int(stats["filters"]["docs_in"] - stats["filters"]["removed"]),
+                                    removed=sum(exact_clusters.values()), clusters=len(exact_clusters))
         seconds["exact_dedup"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
         fuzzy_sizes = Counter()
-        if cfg.fuzzy_dedup:
-            alive = np.flatnonzero(keep)
+        alive = np.flatnonzero(keep)
+        if cfg.fuzzy_dedup and len(alive):
             roots = dedup.fuzzy_clusters(np.stack([signatures[i] for i in alive]), cfg.jaccard_threshold)
             members = Counter(roots.tolist())
             fuzzy_sizes = Counter(size for size in members.values() if size > 1)
@@ -122,10 +146,34 @@ def curate(cfg: CurateConfig) -> dict:
         spill.unlink()
         seconds["write"] = time.perf_counter() - tic
         report = _report(cfg, stats, seconds, bad, pii_counts, fuzzy_sizes, int(keep.sum()), shards, started)
+        report["filters"] = {**dict(stats["filters"]), "removed_by": dict(removed_by.most_common()),
+                             "engine": cfg.filters.engine} if cfg.filters.enabled else None
+        report["languages"] = dict(languages.most_common())
         atomic_write_text(tmp / "curation_report.json", json.dumps(report, indent=2) + "\n")
     write_manifest(str(output), "curate", cfg, list(cfg.inputs), report, started)
     _print_summary(report)
     return report
+
+
+def _curator_verdicts(cfg: CurateConfig, spill: Path, tmp: Path, n: int) -> tuple[list, Counter]:
+    """Score the spilled documents with Curator's pipeline, then judge them from the scores."""
+    from kiln.curation.filters import SCORE_PREFIX, Screener, score_with_curator
+
+    scored_dir = tmp / ".curator"
+    score_with_curator(cfg.filters, [str(spill)], scored_dir, num_cpus=float(cfg.workers))
+    screener = Screener(cfg.filters)
+    verdicts: list = [None] * n
+    languages = Counter()
+    for path in sorted(scored_dir.rglob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            scores = {k[len(SCORE_PREFIX):]: v for k, v in record.items() if k.startswith(SCORE_PREFIX)}
+            verdicts[record["row"]], language = screener.verdict(scores)
+            languages[language or "unknown"] += 1
+    import shutil
+
+    shutil.rmtree(scored_dir)
+    return verdicts, languages
 
 
 def _kept(spill: Path, keep: np.ndarray):
