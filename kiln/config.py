@@ -346,7 +346,8 @@ class FilterConfig:
     """NeMo Curator's heuristic filters and language id; thresholds default to Gopher / C4."""
 
     enabled: bool = True
-    engine: Literal["kiln", "curator"] = "kiln"  # kiln: Curator's filters in kiln's worker pool; curator: a Ray pipeline
+    # kiln: Curator's filters in kiln's worker pool; curator: Curator's pipeline on Ray
+    engine: Literal["kiln", "curator"] = "kiln"
     min_words: int = 50
     max_words: int = 100_000
     min_mean_word_length: float = 3.0

@@ -160,7 +160,7 @@ def _curator_verdicts(cfg: CurateConfig, spill: Path, tmp: Path, n: int) -> tupl
     from kiln.curation.filters import SCORE_PREFIX, Screener, score_with_curator
 
     scored_dir = tmp / ".curator"
-    score_with_curator(cfg.filters, [str(spill)], scored_dir, num_cpus=float(cfg.workers))
+    score_with_curator(cfg.filters, [str(spill)], scored_dir, num_cpus=cfg.workers)
     screener = Screener(cfg.filters)
     verdicts: list = [None] * n
     languages = Counter()

@@ -4,7 +4,7 @@ FilterConfig, so a document is judged exactly as Curator judges it.
 Two ways to run them:
 - `engine=kiln` (default): Curator's `DocumentFilter` objects inside kiln's worker processes,
   next to normalization and MinHash, in one pass and without Ray;
-- `engine=curator`: a Curator `Pipeline` (JsonlReader -> a Score stage per filter ->
+- `engine=curator`: a Curator `Pipeline` (JsonlReader -> a Score stage with every filter ->
   JsonlWriter) on a Ray cluster kiln starts and always tears down (see `ray_cluster`); kiln
   judges from the scores it wrote.
 The first filter that rejects a document is the one the report charges with the removal.
@@ -16,6 +16,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -103,7 +104,7 @@ class Screener:
 
 
 @contextlib.contextmanager
-def ray_cluster(num_cpus: float, object_store_bytes: int = 256 << 20):
+def ray_cluster(num_cpus: int, object_store_bytes: int = 256 << 20):
     """A local Ray cluster for a Curator pipeline that never outlives it.
 
     Ray 2.60's token auth hangs a client of a local cluster (RAY_AUTH_MODE=disabled); a killed
@@ -115,6 +116,8 @@ def ray_cluster(num_cpus: float, object_store_bytes: int = 256 << 20):
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.pop("RAY_ADDRESS", None)
+    # RayClient starts the `ray` command from PATH: this interpreter's, also from a bare venv
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     stale = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     if stale.exists() and not any("raylet" in (p.info["name"] or "") for p in psutil.process_iter(["name"])):
         stale.unlink()
@@ -151,11 +154,11 @@ def _terminate(processes: list) -> None:
 SCORE_PREFIX = "kiln_score_"
 
 
-def score_with_curator(cfg: FilterConfig, inputs: list[str], output_dir: Path, num_cpus: float = 2.0) -> None:
-    """Curator's own pipeline over JSONL `inputs` (with a `text` field): a Score stage per
-    filter writes its score to `kiln_score_<name>`; kiln then judges from the scores, so each
-    removal is charged to the first filter that rejects it. Each stage asks for a fraction of
-    a CPU: on 2 cores Xenna would otherwise run one stage at a time."""
+def score_with_curator(cfg: FilterConfig, inputs: list[str], output_dir: Path, num_cpus: int = 2) -> None:
+    """Curator's own pipeline over JSONL `inputs` (with a `text` field): its Score stage writes
+    each filter's score to `kiln_score_<name>`; kiln then judges from the scores, so each
+    removal is charged to the first filter that rejects it. The stages ask for fractions of
+    a CPU that fit 2 cores together (Xenna otherwise runs them one at a time)."""
     from nemo_curator.backends.xenna import XennaExecutor
     from nemo_curator.pipeline import Pipeline
     from nemo_curator.stages.resources import Resources
@@ -165,10 +168,11 @@ def score_with_curator(cfg: FilterConfig, inputs: list[str], output_dir: Path, n
 
     pipeline = Pipeline(name="kiln-filters")
     pipeline.add_stage(JsonlReader(file_paths=inputs))
-    for name, f in build(cfg):
-        pipeline.add_stage(Score(score_fn=f, score_field=SCORE_PREFIX + name, text_field="text", name=name).with_(
-            resources=Resources(cpus=0.2)))
-    pipeline.add_stage(JsonlWriter(path=str(output_dir)))
+    named = build(cfg)
+    # one Score stage holding every filter: a stage per filter would start an actor pool each
+    pipeline.add_stage(Score(score_fn=[f for _, f in named], score_field=[SCORE_PREFIX + n for n, _ in named],
+                             text_field="text", name="kiln_filters").with_(resources=Resources(cpus=1.0)))
+    pipeline.add_stage(JsonlWriter(path=str(output_dir)).with_(resources=Resources(cpus=0.5)))
     with ray_cluster(num_cpus):
         pipeline.run(XennaExecutor(config={"execution_mode": "batch", "cpu_allocation_percentage": 1.0,
                                            "logging_interval": 3600}))

@@ -27,8 +27,6 @@ DEMO = "runs/demo"  # the tiny pipeline's root: data/tokenizer and pretrain/chec
 
 def _common(cfg, data: str, valid: str | None, steps: int, lr: float):
     cfg.model = models.tiny_llama()
-    # the demo pretraining runs at TP=2 (vocab padded to a multiple of 256): keep its rows at TP=1
-    cfg.model.make_vocab_size_divisible_by = 256
     cfg.parallel = ParallelConfig(tp=1, pp=1, world_size=1)
     cfg.train = TrainConfig(steps=steps, micro_batch_size=4, global_batch_size=8, seq_length=256, seed=1234,
                             eval_interval=steps // 2 if valid else 0, eval_steps=1)

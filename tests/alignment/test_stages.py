@@ -12,17 +12,14 @@ import torch
 
 from tests.conftest import ROOT, free_port, read_metrics, tiny_overrides
 
-# every run pads the vocabulary to the same rows (a multiple of 256 at TP=1 and 128 x 2 at TP=2):
-# kiln does not yet re-pad embeddings when a checkpoint moves to a TP size that pads differently
-PAD = "model.make_vocab_size_divisible_by=256"
-TP2 = ["parallel.tp=2", "model.make_vocab_size_divisible_by=128"]
+TP2 = ["parallel.tp=2"]  # the tiny model pads its vocabulary to the same rows at TP 1 and 2
 
 
 @pytest.fixture(scope="module")
 def base(demo_data, tmp_path_factory):
     """A briefly pretrained tiny model: the weights every post-training run starts from."""
     run = tmp_path_factory.mktemp("base") / "run"
-    _kiln(1, "pretrain", [*tiny_overrides(demo_data, run, train__steps="8"), "parallel.tp=1", PAD])
+    _kiln(1, "pretrain", [*tiny_overrides(demo_data, run, train__steps="8"), "parallel.tp=1"])
     return run / "checkpoints"
 
 
@@ -38,7 +35,7 @@ def _run(stage, nproc, base, demo_data, run_dir, *extra, recipe="tiny"):
     _kiln(nproc, stage, [f"run_dir={run_dir}", f"checkpoint.load_weights={base}",
                          f"data.tokenizer={demo_data / 'tokenizer'}", "parallel.world_size=null",
                          "logging.tensorboard=false", "logging.progress_bar=false", "checkpoint.keep_last=null",
-                         PAD, *extra], recipe)
+                         *extra], recipe)
     return read_metrics(run_dir)
 
 
