@@ -382,6 +382,8 @@ class CurateConfig(StageConfig):
     jaccard_threshold: float = 0.8  # near-duplicates: estimated Jaccard of word n-gram sets
     ngram: int = 5  # words per shingle
     num_perm: int = 128  # MinHash permutations; bands x rows are derived from the threshold
+    dedup_backend: Literal["auto", "cpu", "gpu"] = "auto"  # auto: Curator's cuDF workflows when cuDF imports
+    gpu_char_ngrams: int = 24  # GPU fuzzy dedup shingles characters (Curator's default), not words
     pii: bool = False  # redact emails, IP addresses, phone and credit-card numbers
     workers: int = 2  # processes for normalization and MinHash
     docs_per_shard: int = 100_000

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections import Counter
 from itertools import islice
@@ -32,6 +33,12 @@ def _validate(cfg: CurateConfig) -> None:
         raise ConfigError("inputs is empty: give JSONL (.jsonl, .gz, .zst) or Parquet files")
     if not 0 < cfg.jaccard_threshold < 1:
         raise ConfigError(f"jaccard_threshold={cfg.jaccard_threshold}: give a Jaccard similarity in (0, 1), e.g. 0.8")
+    if cfg.dedup_backend == "gpu":
+        from kiln.curation.gpu import cudf_available
+
+        if not cudf_available():
+            raise ConfigError("dedup_backend=gpu needs cuDF (NeMo Curator's GPU extra, in the NGC image): use "
+                              "dedup_backend=cpu or auto")
     if cfg.ngram < 1 or cfg.num_perm < 8 or cfg.workers < 1 or cfg.docs_per_shard < 1:
         raise ConfigError("ngram, workers and docs_per_shard must be positive and num_perm at least 8")
 
@@ -76,7 +83,8 @@ def curate(cfg: CurateConfig) -> dict:
     _validate(cfg)
     started = time.time()
     bad, pii_counts = BadInput(), Counter()
-    stats = {"read": Counter(), "normalize": Counter(), "exact_dedup": Counter(), "fuzzy_dedup": Counter()}
+    stats = {"read": Counter(), "normalize": Counter(), "exact_dedup": Counter(), "fuzzy_dedup": Counter(),
+             "gpu_dedup": Counter()}
     seconds = Counter()
     digests, signatures, verdicts, languages = [], [], [], Counter()
     output = Path(cfg.output_dir)
@@ -113,33 +121,30 @@ def curate(cfg: CurateConfig) -> dict:
         keep = np.array([v is None for v in verdicts], dtype=bool)
         stats["filters"] = Counter(docs_in=n, removed=int(n - keep.sum()))
 
-        tic = time.perf_counter()
-        exact_clusters = Counter()
-        if cfg.exact_dedup:
-            first: dict[bytes, int] = {}
-            for i, digest in enumerate(digests):
-                if not keep[i]:
-                    continue
-                if digest in first:
-                    keep[i] = False
-                    exact_clusters[first[digest]] += 1
-                else:
-                    first[digest] = i
-        stats["exact_dedup"].update(docs_in=int(stats["filters"]["docs_in"] - stats["filters"]["removed"]),
-                                    removed=sum(exact_clusters.values()), clusters=len(exact_clusters))
-        seconds["exact_dedup"] = time.perf_counter() - tic
-
-        tic = time.perf_counter()
         fuzzy_sizes = Counter()
-        alive = np.flatnonzero(keep)
-        if cfg.fuzzy_dedup and len(alive):
-            roots = dedup.fuzzy_clusters(np.stack([signatures[i] for i in alive]), cfg.jaccard_threshold)
-            members = Counter(roots.tolist())
-            fuzzy_sizes = Counter(size for size in members.values() if size > 1)
-            keep[alive[roots != np.arange(len(alive))]] = False
-            stats["fuzzy_dedup"].update(docs_in=len(alive), removed=int(len(alive) - keep.sum()),
-                                        clusters=sum(fuzzy_sizes.values()))
-        seconds["fuzzy_dedup"] = time.perf_counter() - tic
+        if _on_gpu(cfg):
+            tic = time.perf_counter()
+            survivors = _gpu_dedup(cfg, spill, tmp, keep)
+            alive = int(keep.sum())
+            keep &= np.isin(np.arange(n), list(survivors))
+            stats["gpu_dedup"] = Counter(docs_in=alive, removed=int(alive - keep.sum()))
+            seconds["dedup (gpu)"] = time.perf_counter() - tic
+        else:
+            tic = time.perf_counter()
+            exact_clusters = _exact(digests, keep) if cfg.exact_dedup else Counter()
+            stats["exact_dedup"].update(docs_in=int(stats["filters"]["docs_in"] - stats["filters"]["removed"]),
+                                        removed=sum(exact_clusters.values()), clusters=len(exact_clusters))
+            seconds["exact_dedup"] = time.perf_counter() - tic
+            tic = time.perf_counter()
+            alive = np.flatnonzero(keep)
+            if cfg.fuzzy_dedup and len(alive):
+                roots = dedup.fuzzy_clusters(np.stack([signatures[i] for i in alive]), cfg.jaccard_threshold)
+                members = Counter(roots.tolist())
+                fuzzy_sizes = Counter(size for size in members.values() if size > 1)
+                keep[alive[roots != np.arange(len(alive))]] = False
+                stats["fuzzy_dedup"].update(docs_in=len(alive), removed=int(len(alive) - keep.sum()),
+                                            clusters=sum(fuzzy_sizes.values()))
+            seconds["fuzzy_dedup"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
         shards = write_shards(tmp, _kept(spill, keep), cfg.docs_per_shard)
@@ -153,6 +158,43 @@ def curate(cfg: CurateConfig) -> dict:
     write_manifest(str(output), "curate", cfg, list(cfg.inputs), report, started)
     _print_summary(report)
     return report
+
+
+def _exact(digests: list[bytes], keep: np.ndarray) -> Counter:
+    """Drop every later copy of a content digest; returns {first row: copies removed}."""
+    first: dict[bytes, int] = {}
+    clusters: Counter = Counter()
+    for i, digest in enumerate(digests):
+        if not keep[i]:
+            continue
+        if digest in first:
+            keep[i] = False
+            clusters[first[digest]] += 1
+        else:
+            first[digest] = i
+    return clusters
+
+
+def _on_gpu(cfg: CurateConfig) -> bool:
+    from kiln.curation.gpu import cudf_available
+
+    return (cfg.exact_dedup or cfg.fuzzy_dedup) and cfg.dedup_backend != "cpu" and cudf_available()
+
+
+def _gpu_dedup(cfg: CurateConfig, spill: Path, tmp: Path, keep: np.ndarray) -> set[int]:
+    """Curator's cuDF workflows over the documents the filters kept."""
+    from kiln.curation.gpu import surviving_rows
+
+    work = tmp / ".gpu"
+    work.mkdir()
+    kept = work / "input.jsonl"
+    with open(spill, encoding="utf-8") as src, open(kept, "w", encoding="utf-8") as dst:
+        for i, line in enumerate(src):
+            if keep[i]:
+                dst.write(line)
+    rows = surviving_rows(cfg, kept, work)
+    shutil.rmtree(work)
+    return rows
 
 
 def _curator_verdicts(cfg: CurateConfig, spill: Path, tmp: Path, n: int) -> tuple[list, Counter]:
@@ -170,8 +212,6 @@ def _curator_verdicts(cfg: CurateConfig, spill: Path, tmp: Path, n: int) -> tupl
             scores = {k[len(SCORE_PREFIX):]: v for k, v in record.items() if k.startswith(SCORE_PREFIX)}
             verdicts[record["row"]], language = screener.verdict(scores)
             languages[language or "unknown"] += 1
-    import shutil
-
     shutil.rmtree(scored_dir)
     return verdicts, languages
 
@@ -194,6 +234,7 @@ def _report(cfg, stats, seconds, bad, pii_counts, fuzzy_sizes, kept, shards, sta
         "bytes_after_normalize": stats["normalize"]["bytes_out"],
         "bad_input": {"counts": dict(bad.counts), "examples": bad.examples},
         "exact_dedup": dict(stats["exact_dedup"]),
+        "gpu_dedup": dict(stats["gpu_dedup"]) or None,
         "fuzzy_dedup": {**dict(stats["fuzzy_dedup"]),
                         "cluster_sizes": {str(k): v for k, v in sorted(fuzzy_sizes.items())},
                         "jaccard_threshold": cfg.jaccard_threshold,
@@ -216,7 +257,7 @@ def _print_summary(report: dict) -> None:
     bad = sum(report["bad_input"]["counts"].values())
     table.add_row("read", str(report["documents_in"]), str(bad), ", ".join(
         f"{k} {v}" for k, v in report["bad_input"]["counts"].items()) or "no bad input")
-    for stage in ("exact_dedup", "fuzzy_dedup"):
+    for stage in ("exact_dedup", "fuzzy_dedup", "gpu_dedup"):
         s = report[stage]
         if s:
             table.add_row(stage, str(s.get("docs_in", 0)), str(s.get("removed", 0)), f"{s.get('clusters', 0)} clusters")

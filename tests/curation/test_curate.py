@@ -126,3 +126,32 @@ def test_curator_pipeline_on_ray_judges_like_the_worker_pool(tmp_path):
         results[engine] = (curate(cfg)["filters"]["removed_by"], _kept_ids(tmp_path / engine))
     assert results["curator"] == results["kiln"] and results["kiln"][0]
     assert not [p for p in psutil.process_iter(["name"]) if "raylet" in (p.info["name"] or "")]
+
+
+def test_gpu_workflows_get_arguments_curator_accepts(tmp_path):
+    """Curator's dedup workflows import cuDF, so here their constructors are read from source:
+    every argument kiln passes must be one of theirs, and the LSH shape follows the threshold."""
+    import ast
+    from pathlib import Path
+
+    import nemo_curator
+
+    from kiln.curation import gpu
+
+    def parameters(module: str, cls: str) -> set[str]:
+        source = Path(nemo_curator.__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
+        tree = ast.parse(source.read_text())
+        node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls)
+        init = next(n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+        return {a.arg for a in init.args.args + init.args.kwonlyargs}
+
+    cfg = CurateConfig(inputs=["x.jsonl"], jaccard_threshold=0.8)
+    exact = gpu.exact_kwargs(cfg, ["in.jsonl"], tmp_path / "exact")
+    fuzzy = gpu.fuzzy_kwargs(cfg, ["in.jsonl"], tmp_path / "cache", tmp_path / "fuzzy")
+    assert set(exact) <= parameters("nemo_curator.stages.deduplication.exact.workflow", "ExactDeduplicationWorkflow")
+    assert set(fuzzy) <= parameters("nemo_curator.stages.deduplication.fuzzy.workflow", "FuzzyDeduplicationWorkflow")
+    assert fuzzy["num_bands"] * fuzzy["minhashes_per_band"] <= cfg.num_perm and fuzzy["perform_removal"]
+    assert not gpu.cudf_available()
+    cfg.dedup_backend = "gpu"
+    with pytest.raises(ValueError, match="dedup_backend=gpu needs cuDF"):
+        curate(cfg)
