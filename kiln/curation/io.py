@@ -1,4 +1,5 @@
-"""Reading raw corpora (JSONL plain, .gz or .zst, and Parquet) and writing curated shards.
+"""Reading raw corpora (JSONL plain, .gz or .zst; Parquet; WARC and HTML, with the main text
+extracted by trafilatura) and writing curated shards.
 
 Every document keeps its id (the id field, or `<file>:<line>`) and its source file. Bad input
 (malformed JSON, invalid UTF-8, a missing or non-string text field, an empty document, an
@@ -77,6 +78,8 @@ def read_documents(cfg: CurateConfig, bad: BadInput) -> Iterator[Document]:
             raise FileNotFoundError(f"inputs: {path} does not exist or is not a file")
         if path.suffix == ".parquet":
             records = ((f"{path}:row {row}", record) for row, record in _parquet_records(path))
+        elif path.name.endswith((".warc", ".warc.gz", ".html", ".htm")):
+            records = _web_records(path, cfg, bad)
         else:
             records = _json_records(path, cfg, bad)
         for where, record in records:
@@ -90,6 +93,36 @@ def read_documents(cfg: CurateConfig, bad: BadInput) -> Iterator[Document]:
                 continue
             doc_id = record.get(cfg.id_field) if cfg.id_field else None
             yield Document(str(doc_id) if doc_id is not None else where, str(path), text)
+
+
+def _web_records(path: Path, cfg: CurateConfig, bad: BadInput) -> Iterator[tuple[str, dict]]:
+    """WARC response records (or one HTML file) -> {id, text} with the page's main text."""
+    import trafilatura
+
+    if path.suffix in (".html", ".htm"):
+        pages = [(str(path), path.read_bytes())]
+    else:
+        pages = _warc_pages(path)
+    for where, html in pages:
+        text = trafilatura.extract(html.decode("utf-8", errors="replace"), include_comments=False)
+        if not text:
+            bad.add(where, "no main text could be extracted from the HTML", "no_text", cfg.strict)
+            continue
+        yield where, {cfg.text_field: text, **({cfg.id_field: where} if cfg.id_field else {})}
+
+
+def _warc_pages(path: Path) -> Iterator[tuple[str, bytes]]:
+    from warcio.archiveiterator import ArchiveIterator
+
+    with open(path, "rb") as f:
+        for record in ArchiveIterator(f):
+            if record.rec_type != "response":
+                continue
+            content_type = record.http_headers.get_header("Content-Type", "") if record.http_headers else ""
+            if "html" not in content_type:
+                continue
+            uri = record.rec_headers.get_header("WARC-Target-URI")
+            yield f"{path}:{uri}", record.content_stream().read()
 
 
 def _json_records(path: Path, cfg: CurateConfig, bad: BadInput) -> Iterator[tuple[str, dict]]:

@@ -155,3 +155,33 @@ def test_gpu_workflows_get_arguments_curator_accepts(tmp_path):
     cfg.dedup_backend = "gpu"
     with pytest.raises(ValueError, match="dedup_backend=gpu needs cuDF"):
         curate(cfg)
+
+
+def test_warc_and_html_pages_become_their_main_text(tmp_path):
+    import random
+    from io import BytesIO
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    from kiln.curation.synthetic import document
+
+    rng = random.Random(2)
+    body = document(rng).replace("\n\n", "</p><p>")
+    html = (f"<html><head><title>t</title></head><body><nav>Home | About | Contact</nav>"
+            f"<article><h1>A day at the market</h1><p>{body}</p></article><footer>(c) site</footer></body></html>")
+    path = tmp_path / "crawl.warc.gz"
+    with open(path, "wb") as f:
+        writer = WARCWriter(f, gzip=True)
+        for uri, ctype, payload in (("http://a.example/1", "text/html", html), ("http://a.example/img", "image/png",
+                                                                                "PNG")):
+            headers = StatusAndHeaders("200 OK", [("Content-Type", ctype)], protocol="HTTP/1.0")
+            writer.write_record(writer.create_warc_record(uri, "response", payload=BytesIO(payload.encode()),
+                                                          http_headers=headers))
+    (tmp_path / "page.html").write_text(html)
+    cfg = CurateConfig(inputs=[str(path), str(tmp_path / "page.html")], output_dir=str(tmp_path / "out"), workers=1)
+    cfg.exact_dedup = cfg.fuzzy_dedup = False  # the same page twice, on purpose
+    report = curate(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "curated_00000.jsonl").read_text().splitlines()]
+    assert report["documents_out"] == 2 and rows[0]["id"] == f"{path}:http://a.example/1"
+    assert "Home | About" not in rows[0]["text"] and body.split("</p>")[0][:40] in rows[0]["text"]
