@@ -1,10 +1,13 @@
-"""Fuzzy deduplication on CPU: kiln's MinHash + LSH against datasketch's MinHashLSH.
+"""Curation on CPU against the peers, on one generated corpus.
 
-A generated corpus (kiln.curation.synthetic: a few hundred words per document, 10% exact
-copies, 10% near-duplicates at Jaccard ~0.9) is deduplicated at threshold 0.8 by each; both
-report documents per second, peak memory over the whole process tree (sampled with psutil,
-worker processes included) and precision/recall on the planted near-duplicates. datatrove's
-MinHash pipeline, the issue's other peer, is not installed here (see README).
+kiln.curation.synthetic writes documents of a few hundred words with 10% exact copies and 10%
+near-duplicates (Jaccard ~0.9). Deduplication at threshold 0.8: kiln's MinHash + LSH (filters
+off), datatrove's MinHash pipeline (signatures, buckets, clusters, filter; 2 workers) and
+datasketch's MinHashLSH (one process). Quality filters: kiln (NeMo Curator's filters and
+fastText language id in kiln's worker pool, dedup off) against datatrove's Gopher quality,
+Gopher repetition and C4 filters. Each prints documents per second, peak memory over the
+whole process tree (psutil, workers included) and, for dedup, precision and recall on the
+planted near-duplicates.
 
     python benchmarks/curation.py [--documents 50000] [--workers 2]
 """
@@ -40,6 +43,41 @@ json.dump(kept, open(sys.argv[2], "w"))
 '''
 
 
+DATATROVE_DEDUP = r'''
+import sys
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
+from datatrove.pipeline.dedup.minhash import MinhashConfig
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+src, work, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+config = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8)
+read = lambda: JsonlReader(src, glob_pattern="*.jsonl", id_key="id", default_metadata={})
+s1 = LocalPipelineExecutor([read(), MinhashDedupSignature(f"{work}/sigs", config=config)], tasks=workers,
+                           workers=workers, logging_dir=f"{work}/logs1")
+s2 = LocalPipelineExecutor([MinhashDedupBuckets(f"{work}/sigs", f"{work}/buckets", config=config)],
+                           tasks=config.num_buckets, workers=workers, logging_dir=f"{work}/logs2", depends=s1)
+s3 = LocalPipelineExecutor([MinhashDedupCluster(f"{work}/buckets", f"{work}/remove", config=config)], tasks=1,
+                           logging_dir=f"{work}/logs3", depends=s2)
+s4 = LocalPipelineExecutor([read(), MinhashDedupFilter(f"{work}/remove"), JsonlWriter(f"{work}/out", compression=None)],
+                           tasks=workers, workers=workers, logging_dir=f"{work}/logs4", depends=s3)
+s4.run()
+'''
+
+DATATROVE_FILTERS = r'''
+import sys
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+src, work, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+LocalPipelineExecutor([JsonlReader(src, glob_pattern="*.jsonl", id_key="id", default_metadata={}),
+                       GopherRepetitionFilter(), GopherQualityFilter(), C4QualityFilter(filter_no_terminal_punct=False),
+                       JsonlWriter(f"{work}/out", compression=None)],
+                      tasks=workers, workers=workers, logging_dir=f"{work}/logs").run()
+'''
+
+
 def measure(command: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS in GiB of the process and all its children)."""
     tic = time.perf_counter()
@@ -72,23 +110,44 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="kiln-bench-curate-") as tmp:
         tmp = Path(tmp)
-        truth = generate(tmp / "corpus.jsonl", args.documents, seed=7)
-        all_ids = {json.loads(line)["id"] for line in (tmp / "corpus.jsonl").read_text().splitlines()}
-        results = {}
-        seconds, peak = measure([sys.executable, "-m", "kiln.cli", "curate", "--input", str(tmp / "corpus.jsonl"),
-                                 "--output", str(tmp / "kiln"), "--workers", str(args.workers)])
-        kept = {json.loads(line)["id"] for p in (tmp / "kiln").glob("curated_*.jsonl")
-                for line in p.read_text().splitlines()}
-        results["kiln (exact + fuzzy)"] = (seconds, peak, *scores(kept, truth, all_ids))
+        corpus = tmp / "corpus"
+        corpus.mkdir()
+        truth = generate(corpus / "corpus.jsonl", args.documents, seed=7)
+        all_ids = {json.loads(line)["id"] for line in (corpus / "corpus.jsonl").read_text().splitlines()}
+        src, w = str(corpus / "corpus.jsonl"), str(args.workers)
+
+        def kiln(out, *fields):
+            return [sys.executable, "-m", "kiln.cli", "curate", "--input", src, "--output", str(tmp / out),
+                    "--workers", w, *fields]
+
+        def kept_ids(directory: Path) -> set[str]:
+            return {json.loads(line)["id"] for p in directory.rglob("*.jsonl") for line in p.read_text().splitlines()}
+
+        dedup, filters = {}, {}
+        seconds, peak = measure(kiln("kiln_dedup", "filters.enabled=false"))
+        dedup["kiln MinHash+LSH"] = (seconds, peak, *scores(kept_ids(tmp / "kiln_dedup"), truth, all_ids))
+        (tmp / "dt_dedup.py").write_text(DATATROVE_DEDUP)
+        seconds, peak = measure([sys.executable, str(tmp / "dt_dedup.py"), str(corpus), str(tmp / "dt"), w])
+        dedup["datatrove MinHash"] = (seconds, peak, *scores(kept_ids(tmp / "dt" / "out"), truth, all_ids))
         (tmp / "ds.py").write_text(DATASKETCH)
-        seconds, peak = measure([sys.executable, str(tmp / "ds.py"), str(tmp / "corpus.jsonl"), str(tmp / "ds.json")])
-        kept = set(json.loads((tmp / "ds.json").read_text()))
-        results["datasketch MinHashLSH"] = (seconds, peak, *scores(kept, truth, all_ids))
-    for name, (seconds, peak, recall, precision) in results.items():
-        print(f"{name:<24} {args.documents / seconds:8.0f} docs/s  peak {peak:5.2f} GiB  "
+        seconds, peak = measure([sys.executable, str(tmp / "ds.py"), src, str(tmp / "ds.json")])
+        dedup["datasketch MinHashLSH"] = (seconds, peak, *scores(set(json.loads((tmp / "ds.json").read_text())),
+                                                                 truth, all_ids))
+        filters["kiln (Curator filters)"] = measure(kiln("kiln_filters", "exact_dedup=false", "fuzzy_dedup=false"))
+        (tmp / "dt_filters.py").write_text(DATATROVE_FILTERS)
+        filters["datatrove Gopher+C4"] = measure([sys.executable, str(tmp / "dt_filters.py"), str(corpus),
+                                                  str(tmp / "dtf"), w])
+    print(f"fuzzy dedup, {args.documents} documents, threshold 0.8:")
+    for name, (seconds, peak, recall, precision) in dedup.items():
+        print(f"  {name:<24} {args.documents / seconds:8.0f} docs/s  peak {peak:5.2f} GiB  "
               f"near-dup recall {recall:.3f}  precision {precision:.4f}")
-    k, d = results["kiln (exact + fuzzy)"], results["datasketch MinHashLSH"]
-    print(f"kiln / datasketch: {d[0] / k[0]:.2f}x docs/s; kiln peak memory {k[1]:.2f} GiB (target < 1 GiB)")
+    print("quality filters:")
+    for name, (seconds, peak) in filters.items():
+        print(f"  {name:<24} {args.documents / seconds:8.0f} docs/s  peak {peak:5.2f} GiB")
+    k, d = dedup["kiln MinHash+LSH"], dedup["datatrove MinHash"]
+    print(f"kiln / datatrove dedup: {d[0] / k[0]:.2f}x docs/s (target >= 5x), kiln peak {k[1]:.2f} GiB "
+          f"(target < 1 GiB); kiln / datasketch: {dedup['datasketch MinHashLSH'][0] / k[0]:.2f}x; "
+          f"filters kiln / datatrove: {filters['datatrove Gopher+C4'][0] / filters['kiln (Curator filters)'][0]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -356,9 +356,10 @@ class FilterConfig:
     max_non_alpha_numeric_to_text_ratio: float = 0.25
     max_repeated_line_fraction: float = 0.7
     max_repeated_paragraphs_ratio: float = 0.7
-    max_top_ngram_ratios: dict = field(default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16})
-    max_duplicate_ngram_ratios: dict = field(default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11,
-                                                                      10: 0.10})
+    # n (as a string: the config travels as JSON/YAML) -> max ratio
+    max_top_ngram_ratios: dict = field(default_factory=lambda: {"2": 0.2, "3": 0.18, "4": 0.16})
+    max_duplicate_ngram_ratios: dict = field(default_factory=lambda: {"5": 0.15, "6": 0.14, "7": 0.13, "8": 0.12,
+                                                                      "9": 0.11, "10": 0.10})
     max_bullet_lines_ratio: float = 0.9
     max_ellipsis_lines_ratio: float = 0.3
     max_boilerplate_string_ratio: float = 0.4

@@ -18,6 +18,7 @@ from kiln import overrides
 from kiln.artifact import digest, read_manifest
 from kiln.config import (
     ConvertConfig,
+    CurateConfig,
     DPOConfig,
     ExportConfig,
     PrepareConfig,
@@ -30,7 +31,7 @@ from kiln.launch import submit
 from kiln.launch.config import LaunchConfig
 from kiln.stages import STAGES
 
-ORDER = ("prepare", "pretrain", "sft", "dpo", "rm", "rlhf", "convert", "export")
+ORDER = ("curate", "prepare", "pretrain", "sft", "dpo", "rm", "rlhf", "convert", "export")
 
 
 @dataclass
@@ -38,6 +39,7 @@ class PipelineConfig:
     """One optional config per stage; the recipe points each stage at its predecessors' outputs."""
 
     name: str = "pipeline"
+    curate: CurateConfig | None = None
     prepare: PrepareConfig | None = None
     pretrain: PretrainConfig | None = None
     sft: SFTConfig | None = None
@@ -99,6 +101,8 @@ def summary_line(name: str, manifest: dict | None) -> str:
     s = manifest.get("summary", {})
     if name == "prepare":
         return f"{s.get('documents')} documents, {s.get('tokens')} tokens"
+    if name == "curate":
+        return f"{s.get('documents_in')} -> {s.get('documents_out')} documents"
     if "final" in s:  # a training stage: its last step's reports
         shown = ("loss", "val_loss", "accuracy", "val_accuracy", "reward")
         figures = [f"{k} {v:.4f}" for k, v in s["final"].items() if k in shown and v is not None]

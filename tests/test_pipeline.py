@@ -13,6 +13,7 @@ from tests.conftest import ROOT, read_metrics
 
 def make(root, corpus, steps=3):
     p = tiny(root=str(root))
+    p.curate = None  # tests/curation covers it; here the chain's mechanics
     p.prepare.inputs = [str(corpus)]
     p.pretrain.parallel.tp = 1
     p.pretrain.parallel.world_size = None
@@ -72,7 +73,7 @@ def test_full_tiny_pipeline_validates_and_renders(capsys):
     lines = []
     assert pl.run(tiny(root="runs/never-written"), LaunchConfig(), dryrun=True, echo=lines.append) == 0
     ran = [line.split()[0] for line in lines if " run (" in line]
-    assert ran == ["prepare", "pretrain", "sft", "dpo", "rm", "rlhf", "convert", "export"]
+    assert ran == ["curate", "prepare", "pretrain", "sft", "dpo", "rm", "rlhf", "convert", "export"]
 
 
 def test_a_failing_stage_stops_the_stages_after_it(tmp_path):

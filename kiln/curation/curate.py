@@ -98,7 +98,8 @@ def curate(cfg: CurateConfig) -> dict:
                 for chunk, result in zip(window, pool.map(_process, args), strict=True):
                     for doc, (text, digest, sig, counts, rejected, language) in zip(chunk, result, strict=True):
                         verdicts.append(rejected)
-                        languages[language or "unknown"] += 1
+                        if language:
+                            languages[language] += 1
                         stats["read"]["docs"] += 1
                         stats["read"]["bytes"] += len(doc.text.encode())
                         stats["normalize"]["bytes_out"] += len(text.encode())
@@ -211,7 +212,8 @@ def _curator_verdicts(cfg: CurateConfig, spill: Path, tmp: Path, n: int) -> tupl
             record = json.loads(line)
             scores = {k[len(SCORE_PREFIX):]: v for k, v in record.items() if k.startswith(SCORE_PREFIX)}
             verdicts[record["row"]], language = screener.verdict(scores)
-            languages[language or "unknown"] += 1
+            if language:
+                languages[language] += 1
     shutil.rmtree(scored_dir)
     return verdicts, languages
 
@@ -257,6 +259,10 @@ def _print_summary(report: dict) -> None:
     bad = sum(report["bad_input"]["counts"].values())
     table.add_row("read", str(report["documents_in"]), str(bad), ", ".join(
         f"{k} {v}" for k, v in report["bad_input"]["counts"].items()) or "no bad input")
+    if report["filters"]:
+        f = report["filters"]
+        table.add_row("filters", str(f["docs_in"]), str(f["removed"]),
+                      ", ".join(f"{k} {v}" for k, v in list(f["removed_by"].items())[:4]) or "none removed")
     for stage in ("exact_dedup", "fuzzy_dedup", "gpu_dedup"):
         s = report[stage]
         if s:

@@ -57,9 +57,9 @@ def build(cfg: FilterConfig) -> list[tuple[str, object]]:
         ("repeated_lines", rep.RepeatedLinesFilter(cfg.max_repeated_line_fraction)),
         ("repeated_paragraphs", rep.RepeatedParagraphsFilter(cfg.max_repeated_paragraphs_ratio)),
         *[(f"top_{n}grams", rep.RepeatingTopNGramsFilter(n=int(n), max_repeating_ngram_ratio=ratio))
-          for n, ratio in sorted(cfg.max_top_ngram_ratios.items())],
+          for n, ratio in sorted(cfg.max_top_ngram_ratios.items(), key=lambda item: int(item[0]))],
         *[(f"duplicate_{n}grams", rep.RepeatingDuplicateNGramsFilter(n=int(n), max_repeating_duplicate_ngram_ratio=r))
-          for n, r in sorted(cfg.max_duplicate_ngram_ratios.items())],
+          for n, r in sorted(cfg.max_duplicate_ngram_ratios.items(), key=lambda item: int(item[0]))],
         ("bullets", BulletsFilter(cfg.max_bullet_lines_ratio)),
         ("ellipsis", EllipsisFilter(cfg.max_ellipsis_lines_ratio)),
         ("boilerplate", BoilerPlateStringFilter(max_boilerplate_string_ratio=cfg.max_boilerplate_string_ratio)),
