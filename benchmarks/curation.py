@@ -50,18 +50,19 @@ from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, M
 from datatrove.pipeline.dedup.minhash import MinhashConfig
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
-src, work, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
-config = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8)
-read = lambda: JsonlReader(src, glob_pattern="*.jsonl", id_key="id", default_metadata={})
-s1 = LocalPipelineExecutor([read(), MinhashDedupSignature(f"{work}/sigs", config=config)], tasks=workers,
+if __name__ == "__main__":  # datatrove's worker pool re-imports this file
+  src, work, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+  config = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8)
+  read = lambda: JsonlReader(src, glob_pattern="*.jsonl", id_key="id", default_metadata={})
+  s1 = LocalPipelineExecutor([read(), MinhashDedupSignature(f"{work}/sigs", config=config)], tasks=workers,
                            workers=workers, logging_dir=f"{work}/logs1")
-s2 = LocalPipelineExecutor([MinhashDedupBuckets(f"{work}/sigs", f"{work}/buckets", config=config)],
+  s2 = LocalPipelineExecutor([MinhashDedupBuckets(f"{work}/sigs", f"{work}/buckets", config=config)],
                            tasks=config.num_buckets, workers=workers, logging_dir=f"{work}/logs2", depends=s1)
-s3 = LocalPipelineExecutor([MinhashDedupCluster(f"{work}/buckets", f"{work}/remove", config=config)], tasks=1,
+  s3 = LocalPipelineExecutor([MinhashDedupCluster(f"{work}/buckets", f"{work}/remove", config=config)], tasks=1,
                            logging_dir=f"{work}/logs3", depends=s2)
-s4 = LocalPipelineExecutor([read(), MinhashDedupFilter(f"{work}/remove"), JsonlWriter(f"{work}/out", compression=None)],
+  s4 = LocalPipelineExecutor([read(), MinhashDedupFilter(f"{work}/remove"), JsonlWriter(f"{work}/out", compression=None)],
                            tasks=workers, workers=workers, logging_dir=f"{work}/logs4", depends=s3)
-s4.run()
+  s4.run()
 '''
 
 DATATROVE_FILTERS = r'''
@@ -70,11 +71,12 @@ from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
-src, work, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
-LocalPipelineExecutor([JsonlReader(src, glob_pattern="*.jsonl", id_key="id", default_metadata={}),
-                       GopherRepetitionFilter(), GopherQualityFilter(), C4QualityFilter(filter_no_terminal_punct=False),
-                       JsonlWriter(f"{work}/out", compression=None)],
-                      tasks=workers, workers=workers, logging_dir=f"{work}/logs").run()
+if __name__ == "__main__":  # datatrove's worker pool re-imports this file
+  src, work, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+  LocalPipelineExecutor([JsonlReader(src, glob_pattern="*.jsonl", id_key="id", default_metadata={}),
+                         GopherRepetitionFilter(), GopherQualityFilter(), C4QualityFilter(filter_no_terminal_punct=False),
+                         JsonlWriter(f"{work}/out", compression=None)],
+                        tasks=workers, workers=workers, logging_dir=f"{work}/logs").run()
 '''
 
 

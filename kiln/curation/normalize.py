@@ -13,9 +13,10 @@ _BLANK_LINES = re.compile(r"\n{3,}")
 
 
 def normalize(text: str) -> str:
-    import ftfy
+    if not text.isascii():  # ASCII text has no mojibake to repair, and ftfy is most of the cost
+        import ftfy
 
-    text = ftfy.fix_text(text, normalization="NFKC")
+        text = ftfy.fix_text(text, normalization="NFKC")
     text = unicodedata.normalize("NFKC", text).translate(_ZERO_WIDTH)
     text = _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
     text = _SPACES.sub(" ", text)
