@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import time
 from collections import Counter
 from itertools import islice
@@ -19,6 +20,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kiln.artifact import atomic_dir, atomic_write_text, write_manifest
 from kiln.config import ConfigError, CurateConfig
@@ -91,10 +93,14 @@ def curate(cfg: CurateConfig) -> dict:
     with atomic_dir(output) as tmp:
         spill = tmp / ".spill.jsonl"
         tic = time.perf_counter()
-        with open(spill, "w", encoding="utf-8") as f, get_context("fork").Pool(cfg.workers) as pool:
+        progress = Progress(TextColumn("kiln curate"), BarColumn(), TextColumn("{task.completed} documents"),
+                            TimeElapsedColumn(), transient=True, disable=not sys.stdout.isatty())
+        with open(spill, "w", encoding="utf-8") as f, get_context("fork").Pool(cfg.workers) as pool, progress:
+            task = progress.add_task("read", total=None)
             # a window of chunks at a time: Pool.imap would read the whole input ahead
             for window in _chunks(_chunks(read_documents(cfg, bad), CHUNK), 2 * cfg.workers):
                 args = [([d.text for d in chunk], cfg) for chunk in window]
+                progress.advance(task, sum(len(chunk) for chunk in window))
                 for chunk, result in zip(window, pool.map(_process, args), strict=True):
                     for doc, (text, digest, sig, counts, rejected, language) in zip(chunk, result, strict=True):
                         verdicts.append(rejected)
