@@ -387,6 +387,7 @@ class CurateConfig(StageConfig):
     gpu_char_ngrams: int = 24  # GPU fuzzy dedup shingles characters (Curator's default), not words
     pii: bool = False  # redact emails, IP addresses, phone and credit-card numbers
     workers: int = 2  # processes for normalization and MinHash
-    docs_per_shard: int = 100_000
+    output_format: Literal["jsonl", "parquet"] = "jsonl"
+    shard_mb: float = 256.0  # target shard size (text bytes); a shard closes once it reaches it
     max_line_bytes: int = 10_000_000  # longer input lines are bad input
     strict: bool = False  # stop at the first bad record instead of skipping and counting it

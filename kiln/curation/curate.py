@@ -41,8 +41,8 @@ def _validate(cfg: CurateConfig) -> None:
         if not cudf_available():
             raise ConfigError("dedup_backend=gpu needs cuDF (NeMo Curator's GPU extra, in the NGC image): use "
                               "dedup_backend=cpu or auto")
-    if cfg.ngram < 1 or cfg.num_perm < 8 or cfg.workers < 1 or cfg.docs_per_shard < 1:
-        raise ConfigError("ngram, workers and docs_per_shard must be positive and num_perm at least 8")
+    if cfg.ngram < 1 or cfg.num_perm < 8 or cfg.workers < 1 or cfg.shard_mb <= 0:
+        raise ConfigError("ngram, workers and shard_mb must be positive and num_perm at least 8")
 
 
 _SCREENER = None  # per worker process: the filters, with the language-id model loaded once
@@ -154,7 +154,7 @@ def curate(cfg: CurateConfig) -> dict:
             seconds["fuzzy_dedup"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        shards = write_shards(tmp, _kept(spill, keep), cfg.docs_per_shard)
+        shards = write_shards(tmp, _kept(spill, keep), int(cfg.shard_mb * 2**20), cfg.output_format)
         spill.unlink()
         seconds["write"] = time.perf_counter() - tic
         report = _report(cfg, stats, seconds, bad, pii_counts, fuzzy_sizes, int(keep.sum()), shards, started)

@@ -148,19 +148,32 @@ def _json_records(path: Path, cfg: CurateConfig, bad: BadInput) -> Iterator[tupl
         yield where, record
 
 
-def write_shards(directory: Path, documents: Iterator[Document], per_shard: int) -> list[str]:
-    """curated_00000.jsonl, ... in `directory` (a temp dir the caller renames when complete)."""
-    shards, f, count = [], None, 0
-    try:
-        for doc in documents:
-            if f is None or count == per_shard:
-                if f is not None:
-                    f.close()
-                shards.append(f"curated_{len(shards):05d}.jsonl")
-                f, count = open(directory / shards[-1], "w", encoding="utf-8"), 0
-            f.write(json.dumps({"id": doc.id, "source": doc.source, "text": doc.text}, ensure_ascii=False) + "\n")
-            count += 1
-    finally:
-        if f is not None:
-            f.close()
+def write_shards(directory: Path, documents: Iterator[Document], shard_bytes: int, fmt: str = "jsonl") -> list[str]:
+    """curated_00000.jsonl (or .parquet), ... in `directory` (a temp dir the caller renames when
+    complete); a shard closes once its text reaches `shard_bytes`."""
+    shards: list[str] = []
+    batch: list[Document] = []
+    size = 0
+
+    def flush():
+        name = f"curated_{len(shards):05d}.{fmt}"
+        rows = [{"id": d.id, "source": d.source, "text": d.text} for d in batch]
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows), directory / name)
+        else:
+            with open(directory / name, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        shards.append(name)
+
+    for doc in documents:
+        batch.append(doc)
+        size += len(doc.text.encode())
+        if size >= shard_bytes:
+            flush()
+            batch, size = [], 0
+    if batch:
+        flush()
     return shards

@@ -70,9 +70,24 @@ def test_output_is_byte_identical_with_one_and_two_workers(corpus, tmp_path):
     outputs = []
     for workers in (1, 2, 2):
         out = tmp_path / f"out{workers}-{len(outputs)}"
-        curate(CurateConfig(inputs=[str(path)], output_dir=str(out), workers=workers, docs_per_shard=700))
+        curate(CurateConfig(inputs=[str(path)], output_dir=str(out), workers=workers, shard_mb=1.0))
         outputs.append([p.read_bytes() for p in sorted(out.glob("curated_*.jsonl"))])
     assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) > 1
+
+
+def test_parquet_in_and_out(corpus, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path, _ = corpus
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:200]]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    cfg = CurateConfig(inputs=[str(tmp_path / "in.parquet")], output_dir=str(tmp_path / "out"), workers=1,
+                       output_format="parquet", shard_mb=0.1)
+    report = curate(cfg)
+    tables = [pq.read_table(tmp_path / "out" / name) for name in report["shards"]]
+    assert len(tables) > 1 and sum(t.num_rows for t in tables) == report["documents_out"] > 100
+    assert tables[0].column_names == ["id", "source", "text"]
 
 
 def test_bad_input_is_counted_with_file_and_line_or_fails_strict(tmp_path):
