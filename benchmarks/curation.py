@@ -9,7 +9,10 @@ Gopher repetition and C4 filters. Each prints documents per second, peak memory 
 whole process tree (psutil, workers included) and, for dedup, precision and recall on the
 planted near-duplicates.
 
-    python benchmarks/curation.py [--documents 50000] [--workers 2]
+The filter comparison reads the first --filter-documents of the corpus (datatrove's filters
+run at ~70 documents/s here, so 50,000 would take most of a quarter hour).
+
+    python benchmarks/curation.py [--documents 50000] [--filter-documents 10000] [--workers 2]
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ if __name__ == "__main__":  # datatrove's worker pool re-imports this file
                            tasks=config.num_buckets, workers=workers, logging_dir=f"{work}/logs2", depends=s1)
   s3 = LocalPipelineExecutor([MinhashDedupCluster(f"{work}/buckets", f"{work}/remove", config=config)], tasks=1,
                            logging_dir=f"{work}/logs3", depends=s2)
-  s4 = LocalPipelineExecutor([read(), MinhashDedupFilter(f"{work}/remove"), JsonlWriter(f"{work}/out", compression=None)],
+  s4 = LocalPipelineExecutor([read(), MinhashDedupFilter(f"{work}/remove"),
+                              JsonlWriter(f"{work}/out", compression=None)],
                            tasks=workers, workers=workers, logging_dir=f"{work}/logs4", depends=s3)
   s4.run()
 '''
@@ -74,7 +78,8 @@ from datatrove.pipeline.writers import JsonlWriter
 if __name__ == "__main__":  # datatrove's worker pool re-imports this file
   src, work, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
   LocalPipelineExecutor([JsonlReader(src, glob_pattern="*.jsonl", id_key="id", default_metadata={}),
-                         GopherRepetitionFilter(), GopherQualityFilter(), C4QualityFilter(filter_no_terminal_punct=False),
+                         GopherRepetitionFilter(), GopherQualityFilter(),
+                         C4QualityFilter(filter_no_terminal_punct=False),
                          JsonlWriter(f"{work}/out", compression=None)],
                         tasks=workers, workers=workers, logging_dir=f"{work}/logs").run()
 '''
@@ -106,6 +111,7 @@ def scores(kept: set[str], truth: dict, all_ids: set[str]) -> tuple[float, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--documents", type=int, default=50_000)
+    parser.add_argument("--filter-documents", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     from kiln.curation.synthetic import generate
@@ -135,17 +141,22 @@ def main() -> None:
         seconds, peak = measure([sys.executable, str(tmp / "ds.py"), src, str(tmp / "ds.json")])
         dedup["datasketch MinHashLSH"] = (seconds, peak, *scores(set(json.loads((tmp / "ds.json").read_text())),
                                                                  truth, all_ids))
+        subset = tmp / "subset"
+        subset.mkdir()
+        lines = (corpus / "corpus.jsonl").read_text().splitlines(keepends=True)[:args.filter_documents]
+        (subset / "corpus.jsonl").write_text("".join(lines))
+        src = str(subset / "corpus.jsonl")
         filters["kiln (Curator filters)"] = measure(kiln("kiln_filters", "exact_dedup=false", "fuzzy_dedup=false"))
         (tmp / "dt_filters.py").write_text(DATATROVE_FILTERS)
-        filters["datatrove Gopher+C4"] = measure([sys.executable, str(tmp / "dt_filters.py"), str(corpus),
+        filters["datatrove Gopher+C4"] = measure([sys.executable, str(tmp / "dt_filters.py"), str(subset),
                                                   str(tmp / "dtf"), w])
     print(f"fuzzy dedup, {args.documents} documents, threshold 0.8:")
     for name, (seconds, peak, recall, precision) in dedup.items():
         print(f"  {name:<24} {args.documents / seconds:8.0f} docs/s  peak {peak:5.2f} GiB  "
               f"near-dup recall {recall:.3f}  precision {precision:.4f}")
-    print("quality filters:")
+    print(f"quality filters, the first {len(lines)} documents:")
     for name, (seconds, peak) in filters.items():
-        print(f"  {name:<24} {args.documents / seconds:8.0f} docs/s  peak {peak:5.2f} GiB")
+        print(f"  {name:<24} {len(lines) / seconds:8.0f} docs/s  peak {peak:5.2f} GiB")
     k, d = dedup["kiln MinHash+LSH"], dedup["datatrove MinHash"]
     print(f"kiln / datatrove dedup: {d[0] / k[0]:.2f}x docs/s (target >= 5x), kiln peak {k[1]:.2f} GiB "
           f"(target < 1 GiB); kiln / datasketch: {dedup['datasketch MinHashLSH'][0] / k[0]:.2f}x; "
