@@ -6,8 +6,9 @@ PY      := $(VENV)/bin/python
 KILN    := $(VENV)/bin/kiln
 STAMP   := $(VENV)/.kiln-installed
 PYTHON  ?= python3
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' kiln/__init__.py)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast lint bench image gpu-check clean
 
 setup: $(STAMP)
 
@@ -22,9 +23,25 @@ demo: setup
 	$(KILN) pipeline run tiny
 	$(KILN) pipeline status tiny
 
-test: setup
-	$(VENV)/bin/ruff check kiln tests benchmarks
+lint: setup
+	$(VENV)/bin/ruff check kiln tests benchmarks tools
+	$(VENV)/bin/lint-imports  # layers import downwards only, no import cycles (pyproject.toml)
+
+# the whole suite: real process groups, a real Slurm and Ray (~20 min on 2 cores)
+test: lint
 	$(VENV)/bin/pytest -q
+
+# the inner loop: unit tests and single-process checks, nothing launched (< 3 min)
+test-fast: lint
+	$(VENV)/bin/pytest -q -m "not slow"
+
+# the kiln image for Slurm (pyxis) and Docker jobs: an NGC NeMo image plus kiln's pins (docker/README.md)
+image:
+	docker build -f docker/Dockerfile -t kiln:$(VERSION) .
+
+# every GPU-only path on the GPU(s) at hand, one table of pass/fail (run it in the kiln image)
+gpu-check:
+	python tools/gpu_check.py
 
 bench: setup
 	$(PY) benchmarks/engine_overhead.py

@@ -114,7 +114,8 @@ def main() -> None:
     parser.add_argument("--filter-documents", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    from kiln.curation.synthetic import generate
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test suite's corpus generator
+    from tests.curation.synthetic import generate
 
     with tempfile.TemporaryDirectory(prefix="kiln-bench-curate-") as tmp:
         tmp = Path(tmp)

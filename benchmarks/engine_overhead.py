@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from kiln.cli import quiet_library_warnings
+from kiln.bootstrap import quiet_library_warnings
 from kiln.config import (
     DataConfig,
     LoggingConfig,

@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=600)
     parser.add_argument("--epochs", type=float, default=1.0)
     args = parser.parse_args()
-    from kiln.cli import quiet_library_warnings
+    from kiln.bootstrap import quiet_library_warnings
     from kiln.data.tokenizer import train_bpe
 
     quiet_library_warnings()

@@ -1,9 +1,10 @@
-"""Typed configs shared by the stages.
+"""Typed configs shared by the stages: pure data, importing nothing of kiln but its errors.
 
 Each stage's config is a tree of these dataclasses, built by a recipe function
-(`kiln.recipes.pretrain.tiny()`), changed with dotted overrides
-(`kiln.overrides.apply`), and checked by `validate()` before any process group
-or tensor exists.
+(`kiln.recipes.pretrain.tiny()`), changed with dotted overrides (`kiln.overrides.apply`),
+and checked before any process group or tensor exists: every numeric field with a domain
+declares it (`ranged`), and `kiln.validation` checks them all, with each stage's own rules.
+`kiln.launch.to_partial(cfg)` turns a stage config into a NeMo-Run task.
 """
 
 from __future__ import annotations
@@ -12,29 +13,52 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field, the values and a fix."""
+from kiln.errors import ConfigError
 
 
-class StageConfig:
-    """Base of every stage's config: `cfg.to_partial()` is the stage as a NeMo-Run task,
-    ready for `run.run(..., executor=...)` or `run.Experiment.add`."""
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field may take; `None` bounds are open-ended."""
 
-    def to_partial(self):
-        from kiln.launch.task import to_partial
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
 
-        return to_partial(self)
+    def __contains__(self, value: float) -> bool:
+        if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
+            return False
+        return not (self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)))
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+POSITIVE = Range(0, None, lo_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_1 = Range(1)
+FRACTION = Range(0, 1)  # ratios and probabilities, both ends allowed
+DROPOUT = Range(0, 1, hi_open=True)
+BETA = Range(0, 1, hi_open=True)  # Adam's moment decay
+
+
+def ranged(default, domain: Range, **kwargs):
+    """A dataclass field whose value must lie in `domain` (None always passes: it means unset)."""
+    if callable(default):
+        return field(default_factory=default, metadata={"domain": domain}, **kwargs)
+    return field(default=default, metadata={"domain": domain}, **kwargs)
 
 
 @dataclass
 class RopeScaling:
     """Llama 3.1-style RoPE frequency scaling (megatron-core `rope_scaling`)."""
 
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    factor: float = ranged(8.0, POSITIVE)
+    low_freq_factor: float = ranged(1.0, POSITIVE)
+    high_freq_factor: float = ranged(4.0, POSITIVE)
+    original_max_position_embeddings: int = ranged(8192, AT_LEAST_1)
 
 
 @dataclass
@@ -42,31 +66,31 @@ class ModelConfig:
     """A decoder-only transformer. GPT-2 and Llama are presets of these fields."""
 
     # shape
-    num_layers: int = 2
-    hidden_size: int = 64
-    ffn_hidden_size: int | None = None  # None: 4 x hidden (GELU) or Llama's 8/3 rule (SwiGLU)
-    num_attention_heads: int = 4
-    num_query_groups: int | None = None  # KV heads for grouped-query attention; None = MHA
-    kv_channels: int | None = None  # head dim; None = hidden_size / num_attention_heads
+    num_layers: int = ranged(2, AT_LEAST_1)
+    hidden_size: int = ranged(64, AT_LEAST_1)
+    ffn_hidden_size: int | None = ranged(None, AT_LEAST_1)  # None: 4 x hidden (GELU) or Llama's 8/3 rule (SwiGLU)
+    num_attention_heads: int = ranged(4, AT_LEAST_1)
+    num_query_groups: int | None = ranged(None, AT_LEAST_1)  # KV heads for grouped-query attention; None = MHA
+    kv_channels: int | None = ranged(None, AT_LEAST_1)  # head dim; None = hidden_size / num_attention_heads
     # vocabulary: None takes the tokenizer's size; the embedding is padded for TP
-    vocab_size: int | None = None
-    make_vocab_size_divisible_by: int = 128
-    max_position_embeddings: int = 1024
+    vocab_size: int | None = ranged(None, AT_LEAST_1)
+    make_vocab_size_divisible_by: int = ranged(128, AT_LEAST_1)
+    max_position_embeddings: int = ranged(1024, AT_LEAST_1)
     # family-defining choices
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
-    norm_epsilon: float = 1e-5
+    norm_epsilon: float = ranged(1e-5, POSITIVE)
     activation: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"  # gelu_tanh: GPT-2's gelu_new
     position_embedding: Literal["learned_absolute", "rope"] = "learned_absolute"
-    rotary_base: int = 10000
-    rotary_percent: float = 1.0
+    rotary_base: int = ranged(10000, POSITIVE)
+    rotary_percent: float = ranged(1.0, Range(0, 1, lo_open=True))
     rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = True
     add_bias_linear: bool = True
     add_qkv_bias: bool = False
     # init and regularisation
-    init_method_std: float = 0.02
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
+    init_method_std: float = ranged(0.02, POSITIVE)
+    hidden_dropout: float = ranged(0.0, DROPOUT)
+    attention_dropout: float = ranged(0.0, DROPOUT)
 
     @property
     def heads_kv(self) -> int:
@@ -96,11 +120,11 @@ class ModelConfig:
 class ParallelConfig:
     """How ranks split the model. DP is what is left of the world: world / (TP x PP)."""
 
-    tp: int = 1
-    pp: int = 1
-    vpp: int | None = None  # virtual pipeline stages per PP rank (interleaved 1F1B)
+    tp: int = ranged(1, AT_LEAST_1)
+    pp: int = ranged(1, AT_LEAST_1)
+    vpp: int | None = ranged(None, AT_LEAST_1)  # virtual pipeline stages per PP rank (interleaved 1F1B)
     sequence_parallel: bool = False
-    world_size: int | None = None  # None: from the launcher's environment
+    world_size: int | None = ranged(None, AT_LEAST_1)  # None: from the launcher's environment
 
     def dp(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp)
@@ -109,13 +133,13 @@ class ParallelConfig:
 @dataclass
 class OptimizerConfig:
     name: Literal["adam", "adamw"] = "adamw"  # adamw: decoupled weight decay
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip_grad: float = 1.0  # max global grad norm; 0 turns clipping off
+    lr: float = ranged(3e-4, POSITIVE)
+    min_lr: float = ranged(3e-5, NON_NEGATIVE)
+    weight_decay: float = ranged(0.1, NON_NEGATIVE)
+    beta1: float = ranged(0.9, BETA)
+    beta2: float = ranged(0.95, BETA)
+    eps: float = ranged(1e-8, POSITIVE)
+    clip_grad: float = ranged(1.0, NON_NEGATIVE)  # max global grad norm; 0 turns clipping off
     distributed: bool = False  # shard optimizer state over DP (megatron distributed optimizer)
 
 
@@ -124,9 +148,9 @@ class ScheduleConfig:
     """LR schedule: linear warmup, then cosine decay or warmup-stable-decay (WSD)."""
 
     style: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
-    decay_steps: int | None = None  # None: train.steps
-    wsd_decay_steps: int | None = None  # WSD only: length of the final decay phase
+    warmup_steps: int = ranged(0, NON_NEGATIVE)
+    decay_steps: int | None = ranged(None, AT_LEAST_1)  # None: train.steps
+    wsd_decay_steps: int | None = ranged(None, NON_NEGATIVE)  # WSD only: length of the final decay phase
     wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
 
 
@@ -143,15 +167,15 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 20
-    micro_batch_size: int = 2
-    global_batch_size: int = 8
-    seq_length: int = 128
-    seed: int = 1234
-    eval_interval: int = 0  # 0: no validation during training
-    eval_steps: int = 2
+    steps: int = ranged(20, AT_LEAST_1)
+    micro_batch_size: int = ranged(2, AT_LEAST_1)
+    global_batch_size: int = ranged(8, AT_LEAST_1)
+    seq_length: int = ranged(128, AT_LEAST_1)
+    seed: int = ranged(1234, NON_NEGATIVE)
+    eval_interval: int = ranged(0, NON_NEGATIVE)  # 0: no validation during training
+    eval_steps: int = ranged(2, AT_LEAST_1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    stop_after_steps: int | None = None  # end the process early (tests of resume)
+    stop_after_steps: int | None = ranged(None, AT_LEAST_1)  # end the process early (tests of resume)
     # on these signals: finish the step, checkpoint, exit 75 so the job script requeues
     preempt_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
@@ -159,25 +183,25 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     dir: str | None = None  # None: <run_dir>/checkpoints
-    save_interval: int = 0  # 0: only at the end
+    save_interval: int = ranged(0, NON_NEGATIVE)  # 0: only at the end
     # resume continues from the newest valid checkpoint in `dir` when there is one; otherwise the
     # run starts from load_weights (weights only, fresh optimizer) or from scratch. Slurm jobs
     # always resume, so a requeued fine-tuning run continues and a first one starts from its base.
     resume: bool = False
     load_weights: str | None = None  # a checkpoint dir; also DPO's and RLHF's frozen reference
-    keep_last: int | None = None  # None: keep every checkpoint
+    keep_last: int | None = ranged(None, AT_LEAST_1)  # None: keep every checkpoint
 
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 1
+    log_interval: int = ranged(1, AT_LEAST_1)
     tensorboard: bool = True
     progress_bar: bool | None = None  # None: only when stdout is a terminal
-    loss_spike_factor: float = 3.0  # warn when loss > factor x running mean; 0 turns it off
+    loss_spike_factor: float = ranged(3.0, NON_NEGATIVE)  # warn when loss > factor x running mean; 0 turns it off
 
 
 @dataclass
-class PretrainConfig(StageConfig):
+class PretrainConfig:
     run_dir: str = "runs/pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -198,7 +222,7 @@ class PretrainConfig(StageConfig):
 
 
 @dataclass
-class PrepareConfig(StageConfig):
+class PrepareConfig:
     """`kiln prepare`: JSONL text -> Megatron indexed dataset (.bin/.idx) + tokenizer directory."""
 
     inputs: list = field(default_factory=list)  # JSONL files (.jsonl, .jsonl.gz)
@@ -206,38 +230,39 @@ class PrepareConfig(StageConfig):
     name: str = "corpus"  # output prefix: <output_dir>/<name>_text_document
     text_field: str = "text"
     tokenizer: str | None = None  # a tokenizer directory; None trains a byte-level BPE
-    vocab_size: int = 8192  # only when training a tokenizer
-    batch_size: int = 1000  # documents per tokenizer call
+    vocab_size: int = ranged(8192, Range(256))  # only when training a tokenizer
+    batch_size: int = ranged(1000, AT_LEAST_1)  # documents per tokenizer call
 
 
 @dataclass
-class ConvertConfig(StageConfig):
+class ConvertConfig:
     """`kiln convert`: one checkpoint format to another, verified by logits."""
 
     source: str = ""
     output: str = ""
     to: Literal["hf", "megatron", "nemo2", "nemo"] = "megatron"
-    tp: int = 1  # the layout the Megatron output is padded for (vocab rows: multiple of 128 x TP)
+    # the layout the Megatron output is padded for (vocab rows: multiple of 128 x TP)
+    tp: int = ranged(1, AT_LEAST_1)
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None keeps the source's
     verify: bool | None = None  # None: on for models under 2B parameters
     tokenizer: str | None = None  # for Megatron sources without a recorded tokenizer
-    max_shard_gb: float = 5.0  # HF output shard size
+    max_shard_gb: float = ranged(5.0, POSITIVE)  # HF output shard size
 
 
 @dataclass
-class ExportConfig(StageConfig):
+class ExportConfig:
     """`kiln export`: a TensorRT-LLM checkpoint (+ build.sh), or an HF directory for serving."""
 
     source: str = ""  # HF directory, kiln Megatron checkpoint, NeMo 2 directory or .nemo
     output: str = ""
     to: Literal["trtllm", "hf"] = "trtllm"
-    tp: int = 1
-    pp: int = 1
+    tp: int = ranged(1, AT_LEAST_1)
+    pp: int = ranged(1, AT_LEAST_1)
     dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
     verify: bool | None = None  # CPU reference forward over the rank shards vs the source (fp32 only)
-    max_batch_size: int = 8
-    max_input_len: int = 2048
-    max_seq_len: int = 4096
+    max_batch_size: int = ranged(8, AT_LEAST_1)
+    max_input_len: int = ranged(2048, AT_LEAST_1)  # at most max_seq_len
+    max_seq_len: int | None = ranged(None, AT_LEAST_1)  # None: the model's positions, at most 4096
     tokenizer: str | None = None
 
 
@@ -262,9 +287,9 @@ class ChatDataConfig:
 @dataclass
 class LoraConfig:
     enabled: bool = False
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    rank: int = ranged(8, AT_LEAST_1)
+    alpha: float = ranged(16.0, POSITIVE)
+    dropout: float = ranged(0.0, DROPOUT)
     target_modules: list = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
     merge: bool = True  # also write <run_dir>/merged: a plain checkpoint with the adapters folded in
 
@@ -286,9 +311,9 @@ class SFTConfig(FinetuneConfig):
 @dataclass
 class DPOLossConfig:
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0  # conservative DPO (sigmoid only)
-    rpo_alpha: float | None = None  # RPO: add rpo_alpha x the NLL of the chosen answer
+    beta: float = ranged(0.1, POSITIVE)
+    label_smoothing: float = ranged(0.0, Range(0, 0.5, hi_open=True))  # conservative DPO (sigmoid only)
+    rpo_alpha: float | None = ranged(None, NON_NEGATIVE)  # RPO: add rpo_alpha x the NLL of the chosen answer
     reference: Literal["cached", "online"] = "cached"  # cached: one pass before training
 
 
@@ -307,10 +332,10 @@ class RMConfig(FinetuneConfig):
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 16
-    temperature: float = 1.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0
+    max_new_tokens: int = ranged(16, AT_LEAST_1)
+    temperature: float = ranged(1.0, NON_NEGATIVE)  # 0: greedy
+    top_k: int = ranged(0, NON_NEGATIVE)  # 0: off
+    top_p: float = ranged(1.0, Range(0, 1, lo_open=True))
     stop_token_ids: list = field(default_factory=list)  # besides the tokenizer's EOS
 
 
@@ -323,15 +348,15 @@ class RLHFAlgoConfig:
     # reward: a reward-model checkpoint directory (from `kiln rm`), or "module:function"
     # taking (prompts: list[str], completions: list[str]) -> list[float]
     reward: str = ""
-    group_size: int = 4  # GRPO: completions per prompt, advantages relative to the group
-    prompts_per_step: int = 4
-    kl_coef: float = 0.05  # penalty on log(pi / pi_ref), per token
-    clip_eps: float = 0.2
+    group_size: int = ranged(4, AT_LEAST_1)  # GRPO: completions per prompt, advantages relative to the group
+    prompts_per_step: int = ranged(4, AT_LEAST_1)
+    kl_coef: float = ranged(0.05, NON_NEGATIVE)  # penalty on log(pi / pi_ref), per token
+    clip_eps: float = ranged(0.2, POSITIVE)
     # PPO: the critic starts from the reward model (or the policy's weights, for a reward
     # function) with a fresh scalar head, and trains with the policy's optimizer settings
-    gamma: float = 1.0
-    lam: float = 0.95
-    value_clip_eps: float = 0.2
+    gamma: float = ranged(1.0, FRACTION)
+    lam: float = ranged(0.95, FRACTION)
+    value_clip_eps: float = ranged(0.2, POSITIVE)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
@@ -348,27 +373,27 @@ class FilterConfig:
     enabled: bool = True
     # kiln: Curator's filters in kiln's worker pool; curator: Curator's pipeline on Ray
     engine: Literal["kiln", "curator"] = "kiln"
-    min_words: int = 50
-    max_words: int = 100_000
-    min_mean_word_length: float = 3.0
-    max_mean_word_length: float = 10.0
-    max_symbol_to_word_ratio: float = 0.1
-    max_non_alpha_numeric_to_text_ratio: float = 0.25
-    max_repeated_line_fraction: float = 0.7
-    max_repeated_paragraphs_ratio: float = 0.7
+    min_words: int = ranged(50, NON_NEGATIVE)
+    max_words: int = ranged(100_000, AT_LEAST_1)
+    min_mean_word_length: float = ranged(3.0, NON_NEGATIVE)
+    max_mean_word_length: float = ranged(10.0, POSITIVE)
+    max_symbol_to_word_ratio: float = ranged(0.1, NON_NEGATIVE)
+    max_non_alpha_numeric_to_text_ratio: float = ranged(0.25, FRACTION)
+    max_repeated_line_fraction: float = ranged(0.7, FRACTION)
+    max_repeated_paragraphs_ratio: float = ranged(0.7, FRACTION)
     # n (as a string: the config travels as JSON/YAML) -> max ratio
     max_top_ngram_ratios: dict = field(default_factory=lambda: {"2": 0.2, "3": 0.18, "4": 0.16})
     max_duplicate_ngram_ratios: dict = field(default_factory=lambda: {"5": 0.15, "6": 0.14, "7": 0.13, "8": 0.12,
                                                                       "9": 0.11, "10": 0.10})
-    max_bullet_lines_ratio: float = 0.9
-    max_ellipsis_lines_ratio: float = 0.3
-    max_boilerplate_string_ratio: float = 0.4
+    max_bullet_lines_ratio: float = ranged(0.9, FRACTION)
+    max_ellipsis_lines_ratio: float = ranged(0.3, FRACTION)
+    max_boilerplate_string_ratio: float = ranged(0.4, FRACTION)
     languages: list = field(default_factory=lambda: ["en"])  # empty: no language filter
-    min_langid_score: float = 0.3
+    min_langid_score: float = ranged(0.3, FRACTION)
 
 
 @dataclass
-class CurateConfig(StageConfig):
+class CurateConfig:
     """`kiln curate`: raw JSONL (.jsonl, .jsonl.gz, .jsonl.zst) or Parquet -> normalized,
     PII-redacted, deduplicated JSONL shards plus curation_report.json."""
 
@@ -380,14 +405,16 @@ class CurateConfig(StageConfig):
     filters: FilterConfig = field(default_factory=FilterConfig)
     exact_dedup: bool = True
     fuzzy_dedup: bool = True
-    jaccard_threshold: float = 0.8  # near-duplicates: estimated Jaccard of word n-gram sets
-    ngram: int = 5  # words per shingle
-    num_perm: int = 128  # MinHash permutations; bands x rows are derived from the threshold
+    # near-duplicates: estimated Jaccard of word n-gram sets
+    jaccard_threshold: float = ranged(0.8, Range(0, 1, lo_open=True, hi_open=True))
+    ngram: int = ranged(5, AT_LEAST_1)  # words per shingle
+    num_perm: int = ranged(128, Range(8))  # MinHash permutations; bands x rows are derived from the threshold
     dedup_backend: Literal["auto", "cpu", "gpu"] = "auto"  # auto: Curator's cuDF workflows when cuDF imports
-    gpu_char_ngrams: int = 24  # GPU fuzzy dedup shingles characters (Curator's default), not words
+    # GPU fuzzy dedup shingles characters (Curator's default), not words
+    gpu_char_ngrams: int = ranged(24, AT_LEAST_1)
     pii: bool = False  # redact emails, IP addresses, phone and credit-card numbers
-    workers: int = 2  # processes for normalization and MinHash
+    workers: int = ranged(2, AT_LEAST_1)  # processes for normalization and MinHash
     output_format: Literal["jsonl", "parquet"] = "jsonl"
-    shard_mb: float = 256.0  # target shard size (text bytes); a shard closes once it reaches it
-    max_line_bytes: int = 10_000_000  # longer input lines are bad input
+    shard_mb: float = ranged(256.0, POSITIVE)  # target shard size (text bytes); a shard closes once it reaches it
+    max_line_bytes: int = ranged(10_000_000, AT_LEAST_1)  # longer input lines are bad input
     strict: bool = False  # stop at the first bad record instead of skipping and counting it

@@ -16,7 +16,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from kiln.config import ConfigError
+from kiln.errors import ConfigError
 
 
 def apply(cfg: Any, overrides: Iterable[str] | dict[str, Any]) -> Any:
@@ -36,6 +36,14 @@ def _split(text: str) -> tuple[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc.problem})") from None
     return path.strip(), value
+
+
+def get_path(cfg: Any, path: str) -> Any:
+    for name in path.split("."):
+        if not dataclasses.is_dataclass(cfg) or name not in _hints(type(cfg)):
+            raise ConfigError(f"unknown config field {path!r}")
+        cfg = getattr(cfg, name)
+    return cfg
 
 
 def set_path(cfg: Any, path: str, value: Any) -> None:

@@ -1,56 +1,70 @@
-"""`kiln pipeline`: the stages of a recipe as one NeMo-Run experiment, skipping fresh ones.
+"""Pipelines: which stages of a recipe run, what each reads from the one before, and which are fresh.
 
-Stages run in the fixed order of ORDER, each reading the artifact directories of the stages
-before it (the recipe wires the paths). A stage is fresh, and skipped, when its artifact's
-kiln.json records the same requested config and every input it recorded still has the same
-content digest, and no stage before it runs again.
+A pipeline recipe gives one config per stage (in the registry's order) and `links`: which stage
+output feeds which input field (`"sft.checkpoint.load_weights": "pretrain.checkpoints"`, or a list
+of candidates, the first present stage wins). Links are resolved after every override, so a
+stage always reads its upstream stage's resolved artifact; overriding a linked field is refused.
+A stage is fresh, and skipped, when its artifact's kiln.json records the same requested config
+and every input it recorded still has the same content digest, and no stage before it runs again.
+Launching is kiln.launch's (`kiln.launch.driver.launch_pipeline`).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from kiln import overrides
 from kiln.artifact import digest, read_manifest
-from kiln.config import (
-    ConvertConfig,
-    CurateConfig,
-    DPOConfig,
-    ExportConfig,
-    PrepareConfig,
-    PretrainConfig,
-    RLHFConfig,
-    RMConfig,
-    SFTConfig,
-)
-from kiln.launch import submit
-from kiln.launch.config import LaunchConfig
-from kiln.stages import STAGES
-
-ORDER = ("curate", "prepare", "pretrain", "sft", "dpo", "rm", "rlhf", "convert", "export")
+from kiln.errors import ConfigError
+from kiln.stages import STAGES, PipelineConfig
 
 
-@dataclass
-class PipelineConfig:
-    """One optional config per stage; the recipe points each stage at its predecessors' outputs."""
+def _sources(link) -> list[str]:
+    return [link] if isinstance(link, str) else list(link)
 
-    name: str = "pipeline"
-    curate: CurateConfig | None = None
-    prepare: PrepareConfig | None = None
-    pretrain: PretrainConfig | None = None
-    sft: SFTConfig | None = None
-    dpo: DPOConfig | None = None
-    rm: RMConfig | None = None
-    rlhf: RLHFConfig | None = None
-    convert: ConvertConfig | None = None
-    export: ExportConfig | None = None
 
-    def stages(self) -> list[tuple[str, object]]:
-        return [(name, getattr(self, name)) for name in ORDER if getattr(self, name) is not None]
+def upstream_of(pipeline: PipelineConfig, target: str) -> tuple[str, str] | None:
+    """(stage, output) feeding `target` ("stage.field.path"), or None when no linked stage is present."""
+    for source in _sources(pipeline.links.get(target, [])):
+        stage, output = source.split(".", 1)
+        if getattr(pipeline, stage, None) is not None:
+            return stage, output
+    return None
+
+
+def resolve_links(pipeline: PipelineConfig) -> PipelineConfig:
+    """A copy with every linked input field set from its upstream stage's output."""
+    resolved = copy.deepcopy(pipeline)
+    for target in pipeline.links:
+        stage_name, field_path = target.split(".", 1)
+        cfg = getattr(resolved, stage_name, None)
+        source = upstream_of(resolved, target)
+        if cfg is None or source is None:
+            continue  # the stage, or every stage that could feed it, is left out: the field stays as set
+        value = STAGES[source[0]].output(getattr(resolved, source[0]), source[1])
+        current = overrides.get_path(cfg, field_path)
+        overrides.set_path(cfg, field_path, [value] if isinstance(current, list) else value)
+    return resolved
+
+
+def with_overrides(pipeline: PipelineConfig, items: list[str]) -> PipelineConfig:
+    """Apply `stage.field=value` overrides; a linked field cannot be overridden while its upstream
+    stage is part of the pipeline (it would read another artifact than the one its upstream writes)."""
+    pipeline = copy.deepcopy(pipeline)
+    for item in items:
+        path = item.split("=", 1)[0].strip()
+        for target in pipeline.links:
+            source = upstream_of(pipeline, target)
+            if source and (path == target or target.startswith(path + ".")):
+                raise ConfigError(
+                    f"{path} comes from the {source[0]} stage's output ({'.'.join(source)}), so the two always "
+                    f"agree: change the {source[0]} stage's own fields (e.g. {source[0]}.run_dir), or run "
+                    f"`kiln {target.split('.')[0]}` on its own to point it elsewhere"
+                )
+    overrides.apply(pipeline, items)
+    return pipeline
 
 
 @dataclass
@@ -59,24 +73,26 @@ class StagePlan:
     cfg: object
     artifact: Path
     status: str  # fresh | missing | config changed | input changed: <path> | upstream reruns
-    nproc: int
 
     @property
     def runs(self) -> bool:
         return self.status != "fresh"
 
 
-def _nproc(name: str, cfg) -> int:
-    if not STAGES[name].distributed:
-        return 1
-    return cfg.parallel.world_size or cfg.parallel.tp * cfg.parallel.pp
+def _comparable(config: dict) -> dict:
+    """A config as freshness compares it: without checkpoint.resume, which the launcher sets for
+    Slurm jobs (a policy of where it runs, not a change to what it computes)."""
+    config = copy.deepcopy(config)
+    if isinstance(config.get("checkpoint"), dict):
+        config["checkpoint"].pop("resume", None)
+    return config
 
 
 def freshness(name: str, cfg) -> str:
     manifest = read_manifest(STAGES[name].artifact_dir(cfg))
     if manifest is None:
         return "missing"
-    if manifest.get("request", manifest["config"]) != overrides.to_dict(cfg):
+    if _comparable(manifest.get("request", manifest["config"])) != _comparable(overrides.to_dict(cfg)):
         return "config changed"
     for record in manifest["inputs"]:
         path = Path(record["path"])
@@ -87,18 +103,18 @@ def freshness(name: str, cfg) -> str:
 
 def plan(pipeline: PipelineConfig) -> list[StagePlan]:
     plans, upstream_runs = [], False
-    for name, cfg in pipeline.stages():
+    for name, cfg in resolve_links(pipeline).stages():
         status = "upstream reruns" if upstream_runs else freshness(name, cfg)
-        plans.append(StagePlan(name, cfg, Path(STAGES[name].artifact_dir(cfg)), status, _nproc(name, cfg)))
+        plans.append(StagePlan(name, cfg, Path(STAGES[name].artifact_dir(cfg)), status))
         upstream_runs = upstream_runs or status != "fresh"
     return plans
 
 
-def summary_line(name: str, manifest: dict | None) -> str:
-    """The key figures of a finished stage."""
-    if not manifest:
+def summary_line(name: str, manifest_or_summary: dict | None) -> str:
+    """The key figures of a finished stage (from its manifest, or the summary its entry returned)."""
+    if not manifest_or_summary:
         return ""
-    s = manifest.get("summary", {})
+    s = manifest_or_summary.get("summary", manifest_or_summary)
     if name == "prepare":
         return f"{s.get('documents')} documents, {s.get('tokens')} tokens"
     if name == "curate":
@@ -109,7 +125,7 @@ def summary_line(name: str, manifest: dict | None) -> str:
         return ", ".join([f"{s.get('steps')} steps", *figures])
     if name in ("convert", "export") and s.get("max_abs_logit_delta") is not None:
         return f"verified, max |delta logit| {s['max_abs_logit_delta']:.1e}"
-    return ", ".join(f"{k} {v}" for k, v in s.items() if isinstance(v, (int, float)))
+    return ", ".join(f"{k} {v}" for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
 def status_table(pipeline: PipelineConfig) -> str:
@@ -120,57 +136,3 @@ def status_table(pipeline: PipelineConfig) -> str:
         rows.append((p.name, state, str(p.artifact), summary_line(p.name, manifest)))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}" for r in rows)
-
-
-def run(pipeline: PipelineConfig, launch: LaunchConfig, dryrun: bool = False, detach: bool = False,
-        echo=print) -> int:
-    """Validate, then submit every stage that is not fresh, each after the one before it."""
-    tasks, previous = [], None
-    for p in plan(pipeline):
-        echo(f"{p.name:<10} {'run' if p.runs else 'skip'} ({p.status})")
-        if not p.runs:
-            continue
-        check = copy.deepcopy(p.cfg)
-        if getattr(getattr(check, "model", None), "vocab_size", 0) is None:
-            check.model.vocab_size = 1  # the tokenizer comes from an earlier stage of this run
-        STAGES[p.name].validate(check, p.nproc)
-        if launch.executor == "slurm" and hasattr(p.cfg, "checkpoint"):
-            p.cfg.checkpoint.resume = True  # a requeued job continues
-        tasks.append(submit.Task(p.name, p.cfg, p.nproc, after=[previous] if previous else []))
-        previous = p.name
-    if not tasks:
-        echo("every stage is fresh: nothing to run")
-        return 0
-    title = f"kiln-pipeline-{pipeline.name}"
-    if dryrun:
-        echo(submit.render(title, tasks, launch))
-        return 0
-    for task in tasks:  # a stale artifact is moved aside, so the rerun starts clean
-        _set_aside(Path(STAGES[task.name].artifact_dir(task.cfg)))
-    if launch.executor == "slurm":  # one submission: Slurm's afterok chains the stages
-        result = submit.submit(title, tasks, launch, detach=detach)
-        if detach:
-            echo(f"submitted experiment {result.experiment_id} ({result.experiment_dir})")
-            return 0
-        ok = result.ok
-    else:  # NeMo-Run runs local and Docker DAGs level by level but ignores failures: go one by one
-        ok = True
-        for task in tasks:
-            result = submit.submit(f"{title}-{task.name}", [dataclasses.replace(task, after=[])], launch)
-            if not result.ok:
-                echo(f"{task.name} failed ({result.states}); the stages after it were not started")
-                ok = False
-                break
-    echo(status_table(pipeline))
-    return 0 if ok else 1
-
-
-def _set_aside(artifact: Path) -> None:
-    if artifact.exists():
-        artifact.rename(artifact.with_name(f"{artifact.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
-
-
-def with_overrides(pipeline: PipelineConfig, items: list[str]) -> PipelineConfig:
-    pipeline = dataclasses.replace(pipeline)
-    overrides.apply(pipeline, items)
-    return pipeline

@@ -1,75 +1,186 @@
-"""The registry of stages: each name maps to its config class and its entry function.
+"""The registry of stages: the one list the CLI, the launchers and the pipeline read.
 
-The CLI, the local/Slurm/Docker launchers and the pipeline all find stages here,
-so a new stage plugs in with one line.
+A stage names its config class, its entry point, its recipes, the validators that run before
+any launch, the artifact directory it writes, the outputs later stages read from it, the
+config fields that name its inputs, and the CLI flags that set config fields. Entries and
+validators are "module:function" strings, imported when used (megatron-core is heavy), so
+this module imports only the configs. Adding a stage is one entry here plus its package.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from kiln import config as c
 from kiln import overrides
-from kiln.config import (
-    ConvertConfig,
-    CurateConfig,
-    DPOConfig,
-    ExportConfig,
-    PrepareConfig,
-    PretrainConfig,
-    RLHFConfig,
-    RMConfig,
-    SFTConfig,
-)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A CLI flag that sets one config field (`--input a.jsonl` appends to `inputs`)."""
+
+    name: str  # "--input", or a bare name for a positional argument
+    field: str  # dotted config path
+    help: str = ""
+    kind: str = "value"  # value | list (repeatable) | switch (store_true) | toggle (--x / --no-x)
+    type: type = str
+    choices: tuple = ()
+    required: bool = False
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    config_cls: type
-    entry: str  # "module:function" taking the config; imported lazily (megatron-core is heavy)
-    distributed: bool  # runs one process per rank under torchrun/srun
-    artifact: str = "output_dir"  # the config field naming the directory the stage writes
-    validator: str | None = None  # "module:function(cfg, world_size)", run before any launch
+    help: str
+    config: type
+    entry: str  # "module:function(cfg) -> summary dict"
+    distributed: bool  # one process per rank under torchrun / srun
+    artifact: str  # the config field naming the directory (or file) the stage writes
+    outputs: dict = field(default_factory=dict)  # name -> cfg -> path, what later stages read
+    inputs: tuple = ()  # config fields naming upstream artifacts (wired by pipelines)
+    validators: tuple = ()  # "module:function(cfg, check, problems)", run before any launch
+    recipes: str | None = None  # "module:NAME", a dict of recipe name -> function
+    flags: tuple = ()
+    resolve: str | None = None  # "module:function(cfg) -> cfg", fills in what can be derived
+    describe: str | None = None  # "module:function(cfg, world) -> str", what --dryrun prints
+    aligner: bool = False  # can also run as NeMo-Aligner's trainer (--backend nemo-aligner)
 
     def run(self, cfg):
-        return _load(self.entry)(cfg)
+        return load(self.entry)(cfg)
 
     def artifact_dir(self, cfg) -> str:
-        return getattr(cfg, self.artifact)
+        return _get(cfg, self.artifact)
 
-    def validate(self, cfg, world_size: int) -> None:
-        if self.validator:
-            _load(self.validator)(cfg, world_size)
+    def output(self, cfg, name: str):
+        if name not in self.outputs:
+            raise KeyError(f"stage {self.name} has no output {name!r}; it has {', '.join(self.outputs)}")
+        return self.outputs[name](cfg)
+
+    def recipe_table(self) -> dict[str, Callable]:
+        return load(self.recipes) if self.recipes else {}
 
 
-def _load(target: str):
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
+def load(target: str):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
-STAGES = {
-    s.name: s
-    for s in (
-        Stage("curate", CurateConfig, "kiln.curation.curate:curate", distributed=False),
-        Stage("prepare", PrepareConfig, "kiln.data.prepare:prepare", distributed=False),
-        Stage("pretrain", PretrainConfig, "kiln.training.pretrain:pretrain", distributed=True,
-              artifact="run_dir", validator="kiln.training.validate:validate"),
-        Stage("sft", SFTConfig, "kiln.alignment.sft:sft", distributed=True, artifact="run_dir",
-              validator="kiln.training.validate:validate"),
-        Stage("dpo", DPOConfig, "kiln.alignment.dpo:dpo", distributed=True, artifact="run_dir",
-              validator="kiln.training.validate:validate"),
-        Stage("rm", RMConfig, "kiln.alignment.rm:rm", distributed=True, artifact="run_dir",
-              validator="kiln.training.validate:validate"),
-        Stage("rlhf", RLHFConfig, "kiln.alignment.rlhf:rlhf", distributed=True, artifact="run_dir",
-              validator="kiln.training.validate:validate"),
-        Stage("convert", ConvertConfig, "kiln.conversion.convert:convert", distributed=False, artifact="output"),
-        Stage("export", ExportConfig, "kiln.export.trtllm:export", distributed=False, artifact="output"),
-    )
-}
+def _get(cfg, path: str):
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _sft_weights(cfg: c.SFTConfig) -> str:
+    """What SFT hands on: the merged checkpoint when LoRA merges, else its checkpoints."""
+    if cfg.lora.enabled and cfg.lora.merge:
+        return f"{cfg.run_dir}/merged"
+    return cfg.checkpoint_dir
+
+
+TRAINING_VALIDATOR = "kiln.training.validate:rules"
+_TRAINING_INPUTS = ("data.tokenizer", "checkpoint.load_weights")
+_TRAINING_FLAGS = (
+    Flag("--resume", "checkpoint.resume", "continue from the newest checkpoint", kind="switch"),
+)
+_TRAINING = {"distributed": True, "artifact": "run_dir", "resolve": "kiln.training.pretrain:resolve",
+             "describe": "kiln.training.dryrun:describe", "flags": _TRAINING_FLAGS}
+_RANKS_OUT = {"checkpoints": lambda cfg: cfg.checkpoint_dir}
+_CONVERT_FLAGS = (
+    Flag("--output", "output", "output directory (or .nemo file)", required=True),
+    Flag("--tokenizer", "tokenizer", "tokenizer directory, when the source does not record one"),
+)
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("curate", "normalize, filter, redact PII and deduplicate a raw corpus", c.CurateConfig,
+          "kiln.curation.curate:curate", distributed=False, artifact="output_dir",
+          outputs={"shards": lambda cfg: cfg.output_dir}, inputs=("inputs",),
+          validators=("kiln.curation.curate:validate",),
+          flags=(Flag("--input", "inputs", "JSONL (.jsonl, .gz, .zst), Parquet, WARC or HTML (repeatable)",
+                      kind="list", required=True),
+                 Flag("--output", "output_dir", "output directory: curated shards + curation_report.json",
+                      required=True),
+                 Flag("--text-field", "text_field"),
+                 Flag("--pii", "pii", "redact emails, IP addresses, phone and card numbers", kind="switch"),
+                 Flag("--strict", "strict", "fail on the first bad record instead of counting it", kind="switch"),
+                 Flag("--workers", "workers", type=int))),
+    Stage("prepare", "tokenize JSONL text into a Megatron indexed dataset", c.PrepareConfig,
+          "kiln.data.prepare:prepare", distributed=False, artifact="output_dir",
+          outputs={"prefix": lambda cfg: f"{cfg.output_dir}/{cfg.name}_text_document",
+                   "tokenizer": lambda cfg: f"{cfg.output_dir}/tokenizer"},
+          inputs=("inputs", "tokenizer"), validators=("kiln.data.prepare:validate",),
+          flags=(Flag("--input", "inputs", "JSONL file (.jsonl, .gz, .zst) or a directory of them (repeatable)",
+                      kind="list", required=True),
+                 Flag("--output", "output_dir", "output directory", required=True),
+                 Flag("--text-field", "text_field"),
+                 Flag("--tokenizer", "tokenizer", "a Hugging Face tokenizer directory (default: train a BPE)"),
+                 Flag("--vocab-size", "vocab_size", "when training a tokenizer", type=int),
+                 Flag("--name", "name", "dataset prefix name"))),
+    Stage("pretrain", "pretrain a GPT with megatron-core", c.PretrainConfig, "kiln.training.pretrain:pretrain",
+          outputs=_RANKS_OUT,
+          inputs=("data.blend", *_TRAINING_INPUTS), validators=(TRAINING_VALIDATOR,),
+          recipes="kiln.recipes.pretrain:RECIPES", **_TRAINING),
+    Stage("sft", "supervised fine-tuning on chat data (full or LoRA), packed", c.SFTConfig, "kiln.alignment.sft:sft",
+          outputs={"checkpoints": _sft_weights}, inputs=_TRAINING_INPUTS, validators=(TRAINING_VALIDATOR,),
+          recipes="kiln.recipes.posttrain:SFT", **_TRAINING),
+    Stage("dpo", "direct preference optimisation against a frozen reference", c.DPOConfig, "kiln.alignment.dpo:dpo",
+          outputs=_RANKS_OUT, inputs=_TRAINING_INPUTS, validators=(TRAINING_VALIDATOR, "kiln.alignment.dpo:validate"),
+          recipes="kiln.recipes.posttrain:DPO", aligner=True, **_TRAINING),
+    Stage("rm", "train a reward model (scalar head, Bradley-Terry)", c.RMConfig, "kiln.alignment.rm:rm",
+          outputs=_RANKS_OUT, inputs=_TRAINING_INPUTS, validators=(TRAINING_VALIDATOR,),
+          recipes="kiln.recipes.posttrain:RM", aligner=True, **_TRAINING),
+    Stage("rlhf", "RLHF: GRPO or PPO with generation on the Megatron model", c.RLHFConfig, "kiln.alignment.rlhf:rlhf",
+          outputs=_RANKS_OUT, inputs=(*_TRAINING_INPUTS, "rlhf.reward"),
+          validators=(TRAINING_VALIDATOR, "kiln.alignment.rlhf:validate"), recipes="kiln.recipes.posttrain:RLHF",
+          aligner=True, **_TRAINING),
+    Stage("convert", "HF <-> Megatron <-> .nemo, checked by logits", c.ConvertConfig,
+          "kiln.conversion.convert:convert", distributed=False, artifact="output",
+          outputs={"output": lambda cfg: cfg.output}, inputs=("source", "tokenizer"),
+          validators=("kiln.conversion.convert:validate",),
+          flags=(Flag("source", "source", "HF directory, kiln run/checkpoint directory, NeMo 2 directory or .nemo"),
+                 Flag("--to", "to", choices=("hf", "megatron", "nemo2", "nemo"), required=True),
+                 *_CONVERT_FLAGS,
+                 Flag("--tp", "tp", "Megatron output: pad the vocabulary for this TP size", type=int),
+                 Flag("--dtype", "dtype", "default: the source's", choices=("float32", "bfloat16", "float16")),
+                 Flag("--verify", "verify", "compare logits (default: on below 2B parameters)", kind="toggle"))),
+    Stage("export", "TensorRT-LLM checkpoint (+ build.sh), or HF for serving", c.ExportConfig,
+          "kiln.export.trtllm:export", distributed=False, artifact="output",
+          outputs={"output": lambda cfg: cfg.output}, inputs=("source", "tokenizer"),
+          validators=("kiln.export.trtllm:validate",),
+          flags=(Flag("source", "source", "HF directory, kiln checkpoint, NeMo 2 directory or .nemo"),
+                 Flag("--to", "to", choices=("trtllm", "hf"), required=True),
+                 *_CONVERT_FLAGS,
+                 Flag("--tp", "tp", type=int), Flag("--pp", "pp", type=int),
+                 Flag("--dtype", "dtype", choices=("float32", "float16", "bfloat16")),
+                 Flag("--verify", "verify", "CPU reference forward over the rank shards vs the source "
+                                            "(default: with float32)", kind="toggle"))),
+)}
+
+
+def stage_for(cfg) -> Stage:
+    for stage in STAGES.values():
+        if type(cfg) is stage.config:  # exact: SFTConfig is also a PretrainConfig
+            return stage
+    raise TypeError(f"{type(cfg).__name__} is not the config of any kiln stage ({', '.join(STAGES)})")
+
+
+# A pipeline: one optional config per stage, in the registry's order, and `links` naming which
+# stage output feeds which input field ("sft.checkpoint.load_weights": "pretrain.checkpoints").
+PipelineConfig = dataclasses.make_dataclass(
+    "PipelineConfig",
+    [("name", str, field(default="pipeline")),
+     *((name, stage.config | None, field(default=None)) for name, stage in STAGES.items()),
+     ("links", dict, field(default_factory=dict))],
+    namespace={"__doc__": "The stages of a pipeline recipe, each optional, and the links between them.",
+               "stages": lambda self: [(n, getattr(self, n)) for n in STAGES if getattr(self, n) is not None]},
+)
+PipelineConfig.__module__ = __name__
 
 
 def dump_config(cfg, path: str | Path) -> Path:
@@ -81,4 +192,5 @@ def dump_config(cfg, path: str | Path) -> Path:
 
 def load_config(stage: Stage, path: str | Path):
     data = yaml.safe_load(Path(path).read_text()) or {}
-    return overrides.from_dict(stage.config_cls, data)
+    return overrides.from_dict(stage.config, data)
+

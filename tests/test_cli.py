@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import read_metrics, tiny_overrides
 
 
@@ -40,6 +42,7 @@ def test_missing_data_says_how_to_make_it(tmp_path):
     assert "holds no tokenizer.json: run `kiln prepare` first" in out.stderr
 
 
+@pytest.mark.slow
 def test_tiny_pretrain_on_two_processes(demo_data, tmp_path, nemorun_home):
     run = tmp_path / "run"
     args = tiny_overrides(demo_data, run, train__steps="12", logging__tensorboard="true",
@@ -63,6 +66,7 @@ def test_tiny_pretrain_on_two_processes(demo_data, tmp_path, nemorun_home):
     assert saved and "tp: 2" in saved[-1].read_text()
 
 
+@pytest.mark.slow
 def test_divergence_stops_and_keeps_last_good_checkpoint(demo_data, tmp_path):
     run = tmp_path / "run"
     args = tiny_overrides(demo_data, run, parallel__tp="1", train__steps="40", optimizer__lr="1e6",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kiln import overrides
-from kiln.config import ConfigError, PretrainConfig, RopeScaling
+from kiln.config import PretrainConfig, RopeScaling
+from kiln.errors import ConfigError
 from kiln.recipes.pretrain import tiny
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from kiln import pipeline as pl
 from kiln.launch.config import LaunchConfig
+from kiln.launch.driver import launch_pipeline
 from kiln.recipes.pipeline import tiny
 from tests.conftest import ROOT, read_metrics
 
@@ -34,23 +37,24 @@ def statuses(p):
     return {s.name: s.status for s in pl.plan(p)}
 
 
+@pytest.mark.slow
 def test_rerun_skips_fresh_stages_and_reruns_changed_ones(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     shutil.copy(ROOT / "data/demo/corpus.jsonl", corpus)
     root, launch = tmp_path / "pipe", LaunchConfig(experiments_dir=str(tmp_path / "home"))
     lines = []
 
-    assert pl.run(make(root, corpus), launch, echo=lines.append) == 0
+    assert launch_pipeline(make(root, corpus), launch, echo=lines.append) == 0
     assert sorted(read_metrics(root / "pretrain")) == [1, 2, 3]
     assert statuses(make(root, corpus)) == dict.fromkeys(STAGES, "fresh")
     lines.clear()
-    assert pl.run(make(root, corpus), launch, echo=lines.append) == 0
+    assert launch_pipeline(make(root, corpus), launch, echo=lines.append) == 0
     assert lines[-1] == "every stage is fresh: nothing to run"
 
     # a pretraining change reruns pretraining only
     assert statuses(make(root, corpus, steps=4)) == {"prepare": "fresh", "pretrain": "config changed",
                                                      "convert": "upstream reruns", "export": "upstream reruns"}
-    assert pl.run(make(root, corpus, steps=4), launch, echo=lines.append) == 0
+    assert launch_pipeline(make(root, corpus, steps=4), launch, echo=lines.append) == 0
     assert sorted(read_metrics(root / "pretrain")) == [1, 2, 3, 4]
     assert list(tmp_path.glob("pipe/pretrain.stale-*"))  # the old run was moved aside, not mixed in
 
@@ -60,7 +64,7 @@ def test_rerun_skips_fresh_stages_and_reruns_changed_ones(tmp_path):
     assert statuses(make(root, corpus, steps=4)) == {
         "prepare": f"input changed: {corpus}", "pretrain": "upstream reruns", "convert": "upstream reruns",
         "export": "upstream reruns"}
-    assert pl.run(make(root, corpus, steps=4), launch, echo=lines.append) == 0
+    assert launch_pipeline(make(root, corpus, steps=4), launch, echo=lines.append) == 0
     assert statuses(make(root, corpus, steps=4)) == dict.fromkeys(STAGES, "fresh")
 
     table = pl.status_table(make(root, corpus, steps=4))
@@ -71,15 +75,17 @@ def test_rerun_skips_fresh_stages_and_reruns_changed_ones(tmp_path):
 def test_full_tiny_pipeline_validates_and_renders(capsys):
     """Every stage of the demo pipeline, post-training included, passes validation and renders."""
     lines = []
-    assert pl.run(tiny(root="runs/never-written"), LaunchConfig(), dryrun=True, echo=lines.append) == 0
+    assert launch_pipeline(tiny(root="runs/never-written"), LaunchConfig(), dryrun=True, echo=lines.append) == 0
     ran = [line.split()[0] for line in lines if " run (" in line]
     assert ran == ["curate", "prepare", "pretrain", "sft", "dpo", "rm", "rlhf", "convert", "export"]
 
 
+@pytest.mark.slow
 def test_a_failing_stage_stops_the_stages_after_it(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text('{"text": "fine"}\n{broken\n')
     root, lines = tmp_path / "pipe", []
-    assert pl.run(make(root, corpus), LaunchConfig(experiments_dir=str(tmp_path / "home")), echo=lines.append) == 1
+    launch = LaunchConfig(experiments_dir=str(tmp_path / "home"))
+    assert launch_pipeline(make(root, corpus), launch, echo=lines.append) == 1
     assert any(line.startswith("prepare failed") for line in lines), lines
     assert not (root / "pretrain").exists()

@@ -3,9 +3,9 @@ own trainers inside its NGC container, for teams already on it.
 
 kiln writes the data in NeMo-Aligner's formats next to the run, renders the trainer command
 with its Hydra overrides (model parallelism, batch sizes, optimizer, steps, the `.nemo` from
-`kiln convert --to nemo`) and launches it as a script through the same local, Slurm or Docker
-executor. NeMo-Aligner (deprecated upstream for NeMo-RL) cannot be installed next to kiln's
-pins, so here only the rendered commands are tested; nothing in this module ran it.
+`kiln convert --to nemo`), and kiln.launch.driver.launch_aligner runs it as a script through the
+same Slurm or Docker executor. NeMo-Aligner (deprecated upstream for NeMo-RL) cannot be installed
+next to kiln's pins, so here only the rendered commands are tested; nothing in this module ran it.
 RLHF renders NeMo-Aligner's PPO (critic server + actor): it has no GRPO.
 """
 
@@ -15,8 +15,8 @@ import json
 import shlex
 from pathlib import Path
 
-from kiln.config import ConfigError
 from kiln.data.records import DataReport, read_jsonl
+from kiln.errors import ConfigError
 
 ALIGNER = "/opt/NeMo-Aligner/examples/nlp/gpt"  # where the NeMo containers that ship it keep it
 ALIGNER_IMAGE = "nvcr.io/nvidia/nemo:24.07"  # a NeMo 1.x container with NeMo-Aligner installed
@@ -91,7 +91,9 @@ def render(stage: str, cfg, nemo: str, nodes: int = 1, devices: int = 8) -> list
         return [_command("train_reward_model.py", args)]
     if stage == "rlhf":
         r = cfg.rlhf
-        if ":" in r.reward and not Path(r.reward).exists():
+        from kiln.alignment.rlhf import is_reward_function
+
+        if is_reward_function(r.reward):
             raise ConfigError("rlhf.reward is a Python function: NeMo-Aligner's PPO needs a reward model "
                               "(.nemo from kiln convert of a `kiln rm` checkpoint)")
         critic = _command("serve_ppo_critic.py", [f"pretrained_checkpoint.restore_from_path={r.reward}",
@@ -116,25 +118,11 @@ def _command(script: str, args: list[str]) -> str:
     return " \\\n  ".join([f"python -u {ALIGNER}/{script}", *quoted])
 
 
-def run_aligner(stage: str, cfg, launch, nemo: str, dryrun: bool) -> int:
-    from kiln.launch import submit
-
-    nodes = launch.slurm.nodes if launch.executor == "slurm" else 1
-    devices = launch.slurm.gpus_per_node or 8 if launch.executor == "slurm" else 8
-    script = "\n".join(["set -euo pipefail", *render(stage, cfg, nemo, nodes, devices)])
-    if launch.executor == "docker":
-        launch.docker.image = ALIGNER_IMAGE if launch.docker.image.endswith(":25.11") else launch.docker.image
-    if dryrun:
-        print(script)
-        return 0
-    if launch.executor == "local":
-        raise ConfigError("--backend nemo-aligner runs in NeMo-Aligner's container: use --executor slurm "
-                          "(with launch.slurm.container_image) or --executor docker; --dryrun prints the command")
-    if stage in ("dpo", "rm"):
-        data = Path(cfg.run_dir) / "aligner_data"
-        write_aligner_data(stage, cfg.data.train, data / f"{stage}_train.jsonl")
-        if cfg.data.valid:
-            write_aligner_data(stage, cfg.data.valid, data / f"{stage}_valid.jsonl")
-    result = submit.submit(f"kiln-{stage}-aligner", [submit.Task(stage, script, 1)], launch)
-    print(f"experiment {result.experiment_id}: {result.states}")
-    return 0 if result.ok else 1
+def write_data(stage: str, cfg) -> None:
+    """NeMo-Aligner's data files for a DPO or reward-model request, next to the run."""
+    if stage not in ("dpo", "rm"):
+        return
+    data = Path(cfg.run_dir) / "aligner_data"
+    write_aligner_data(stage, cfg.data.train, data / f"{stage}_train.jsonl")
+    if cfg.data.valid:
+        write_aligner_data(stage, cfg.data.valid, data / f"{stage}_valid.jsonl")

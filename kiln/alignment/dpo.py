@@ -23,6 +23,7 @@ from kiln.training import loop
 from kiln.training.engine import build_engine, run_schedule
 from kiln.training.model import build_model, resolve_precision
 from kiln.training.pretrain import run_ranks
+from kiln.validation import Check, Problems, ensure_valid
 
 REPORTS = ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected")
 
@@ -105,7 +106,7 @@ def cached_table(cfg: DPOConfig, reference: Reference, dataset, path: str, split
                             f"{ckpt.resolve(cfg.checkpoint.load_weights)}:{cfg.train.seq_length}".encode()).hexdigest()
     cache = Path(cfg.run_dir) / f"reference_logps_{split}.pt"
     if cache.exists():
-        saved = torch.load(cache, map_location=reference.device)
+        saved = torch.load(cache, map_location=reference.device, weights_only=True)  # tensors and a str only
         if saved["digest"] == digest:
             return saved["logps"]
     table = reference.table(dataset, engine.dp_rank, engine.dp_size)
@@ -149,12 +150,18 @@ def dpo_forward_step(cfg: DPOConfig):
     return forward_step
 
 
-def _train(cfg: DPOConfig, rank: int, world: int, device, started: float, request: DPOConfig) -> dict:
+def validate(cfg: DPOConfig, check: Check, problems: Problems) -> None:
     if not cfg.checkpoint.load_weights:
-        from kiln.config import ConfigError
+        problems.add("checkpoint.load_weights is unset: DPO starts from (and is regularised towards) a trained "
+                     "model; give its checkpoint directory (e.g. the SFT run's checkpoints)")
+    d = cfg.dpo
+    if d.label_smoothing and d.loss_type != "sigmoid":
+        problems.add(f"dpo.label_smoothing={d.label_smoothing} applies to the sigmoid loss only: set "
+                     f"dpo.loss_type=sigmoid or dpo.label_smoothing=0")
 
-        raise ConfigError("checkpoint.load_weights is unset: DPO starts from (and is regularised towards) "
-                          "a trained model; give its checkpoint directory (e.g. the SFT run's checkpoints)")
+
+def _train(cfg: DPOConfig, rank: int, world: int, device, started: float, request: DPOConfig) -> dict:
+    ensure_valid(cfg, validate, check=Check(world_size=world), what="the dpo config")
     train_ds = load_pairs(cfg, cfg.data.train, rank, "train")
     valid_ds = load_pairs(cfg, cfg.data.valid, rank, "valid") if cfg.data.valid else None
     engine = build_engine(cfg, device)
@@ -197,6 +204,5 @@ def _train(cfg: DPOConfig, rank: int, world: int, device, started: float, reques
     if rank == 0 and "steps" in summary:
         summary["data"] = {"train": train_ds.report.to_dict(), **({"valid": valid_ds.report.to_dict()}
                                                                     if valid_ds is not None else {})}
-        inputs = [cfg.data.train, *([cfg.data.valid] if cfg.data.valid else [])]
-        write_manifest(cfg.run_dir, "dpo", cfg, inputs, summary, started, request=request)
+        write_manifest(cfg.run_dir, "dpo", cfg, loop.manifest_inputs(cfg), summary, started, request=request)
     return summary

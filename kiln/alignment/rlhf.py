@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from kiln.artifact import write_manifest
-from kiln.config import ConfigError, RLHFConfig
+from kiln.config import RLHFConfig
 from kiln.data.chat import ChatFormatter
 from kiln.data.records import DataReport, RecordError, read_jsonl
 from kiln.data.sft import Example, build_sample
@@ -30,6 +30,8 @@ from kiln.training import loop
 from kiln.training.engine import build_engine, train_step
 from kiln.training.model import build_model, resolve_precision
 from kiln.training.pretrain import run_ranks
+from kiln.training.shapes import check_weights
+from kiln.validation import Check, Problems, ensure_valid
 
 REPORTS = ("loss", "reward", "kl", "completion_tokens", "value_loss")
 
@@ -38,22 +40,36 @@ def rlhf(cfg: RLHFConfig) -> dict:
     return run_ranks(cfg, _train)
 
 
-def check(cfg: RLHFConfig, world: int) -> None:
+def validate(cfg: RLHFConfig, check: Check, problems: Problems) -> None:
     r = cfg.rlhf
-    dp = cfg.parallel.dp(world)
+    dp = max(1, cfg.parallel.dp(check.world_size))
     if cfg.parallel.vpp:
-        raise ConfigError("parallel.vpp: RLHF generation walks the pipeline one stage per rank; unset parallel.vpp")
+        problems.add("parallel.vpp: RLHF generation walks the pipeline one stage per rank; unset parallel.vpp")
     if r.prompts_per_step * r.group_size != cfg.train.global_batch_size:
-        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} must equal rlhf.prompts_per_step "
-                          f"x rlhf.group_size = {r.prompts_per_step * r.group_size} (sequences per step)")
+        problems.add(f"train.global_batch_size={cfg.train.global_batch_size} must equal rlhf.prompts_per_step "
+                     f"x rlhf.group_size = {r.prompts_per_step * r.group_size} (sequences per step)")
     if r.prompts_per_step % dp:
-        raise ConfigError(f"rlhf.prompts_per_step={r.prompts_per_step} must divide among DP={dp} ranks")
+        problems.add(f"rlhf.prompts_per_step={r.prompts_per_step} must divide among DP={dp} ranks")
     if r.algorithm == "grpo" and r.group_size < 2:
-        raise ConfigError("rlhf.group_size must be at least 2 for GRPO: it compares completions of one prompt")
-    if not r.reward:
-        raise ConfigError("rlhf.reward is unset: give a reward-model checkpoint (kiln rm) or module:function")
+        problems.add("rlhf.group_size must be at least 2 for GRPO: it compares completions of one prompt")
     if not cfg.checkpoint.load_weights:
-        raise ConfigError("checkpoint.load_weights is unset: RLHF starts from (and stays near) a trained policy")
+        problems.add("checkpoint.load_weights is unset: RLHF starts from (and stays near) a trained policy")
+    if not r.reward:
+        problems.add("rlhf.reward is unset: give a reward-model checkpoint (kiln rm) or module:function")
+    elif is_reward_function(r.reward, check):
+        module, _, name = r.reward.partition(":")
+        try:
+            getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            problems.add(f"rlhf.reward={r.reward}: cannot import it ({exc}); give module:function on the Python "
+                         f"path, or a reward-model checkpoint directory")
+    else:
+        check_weights("rlhf.reward", r.reward, cfg.model, None, check, problems, scalar_head=True)
+
+
+def is_reward_function(reward: str, check: Check | None = None) -> bool:
+    """"module:function" rather than a checkpoint path (which exists, or an earlier stage writes)."""
+    return ":" in reward and "/" not in reward and not (check or Check()).will_exist(reward)
 
 
 def load_prompts(path: str, formatter: ChatFormatter, strict: bool) -> tuple[list[str], list[list[int]]]:
@@ -84,7 +100,7 @@ class Rewards:
     def __init__(self, cfg: RLHFConfig, device):
         self.cfg, self.device = cfg, device
         spec = cfg.rlhf.reward
-        if ":" in spec and not Path(spec).exists():
+        if is_reward_function(spec):
             module, name = spec.split(":")
             self.function = getattr(importlib.import_module(module), name)
         else:
@@ -189,7 +205,7 @@ def build_critic(cfg: RLHFConfig, device):
 
     critic_cfg, transform = with_scalar_head(cfg)
     critic = build_engine(critic_cfg, device, transform)
-    reward_model = Path(cfg.rlhf.reward).exists()
+    reward_model = not is_reward_function(cfg.rlhf.reward)
     ckpt.load(cfg.rlhf.reward if reward_model else cfg.checkpoint.load_weights, critic.chunks,
               fresh=None if reward_model else is_head)
     return critic
@@ -217,7 +233,7 @@ def _train(cfg: RLHFConfig, rank: int, world: int, device, started: float, reque
     from kiln.alignment.generate import generate
     from kiln.alignment.losses import group_advantages
 
-    check(cfg, world)
+    ensure_valid(cfg, validate, check=Check(world_size=world), what="the rlhf config")
     cfg.logging.loss_spike_factor = 0  # a policy-gradient loss hovers around zero: no descent to watch
     tokenizer = load(cfg.data.tokenizer)
     formatter = ChatFormatter(tokenizer, cfg.data.chat_template)
@@ -300,5 +316,6 @@ def _train(cfg: RLHFConfig, rank: int, world: int, device, started: float, reque
     )
     summary = loop.train(cfg, engine, task, rank, world, device)
     if rank == 0 and "steps" in summary:
-        write_manifest(cfg.run_dir, "rlhf", cfg, [cfg.data.train], summary, started, request=request)
+        reward = None if is_reward_function(cfg.rlhf.reward) else cfg.rlhf.reward
+        write_manifest(cfg.run_dir, "rlhf", cfg, loop.manifest_inputs(cfg, reward), summary, started, request=request)
     return summary

@@ -1,6 +1,6 @@
 """`kiln rm`: a reward model, the GPT with a scalar head instead of its vocabulary projection,
 trained on preference pairs with the Bradley-Terry loss. The head is `output_layer`, so a
-base checkpoint loads as is (the head starts fresh); the saved checkpoint scores text (`score_batches`, used by RLHF).
+base checkpoint loads as is (the head starts fresh); RLHF scores completions with the saved checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from kiln.config import RMConfig
 from kiln.data.gpt_dataset import BatchOrder
 from kiln.data.preference import PreferenceDataset, load_pairs
 from kiln.training import loop
-from kiln.training.engine import build_engine, run_schedule
+from kiln.training.engine import build_engine
 from kiln.training.pretrain import run_ranks
 
 HEAD_KEY = "output_layer.weight"  # megatron-core expects the key; here it is [1, hidden]
@@ -90,18 +90,6 @@ def rm_forward_step(batch: dict, model):
     return output, loss_func
 
 
-def score_batches(chunks, batches: list[dict], seq_length: int, rows: int) -> list[torch.Tensor] | None:
-    """Scores of each microbatch's rows on the last pipeline stage (None on other stages)."""
-    def forward_step(batch, model):
-        output = model(batch["tokens"], batch["position_ids"], None)
-        return output, lambda v: (v.sum() * 0, torch.tensor(1), {"scores": scores(v, batch["loss_mask"]).detach()})
-
-    with torch.no_grad():
-        reports = run_schedule(chunks, lambda: iter(batches), len(batches), seq_length, rows, forward_step,
-                               forward_only=True)
-    return [r["scores"] for r in reports] if reports else None
-
-
 def rm(cfg: RMConfig) -> dict:
     return run_ranks(cfg, _train)
 
@@ -127,6 +115,5 @@ def _train(cfg: RMConfig, rank: int, world: int, device, started: float, request
     )
     summary = loop.train(cfg, engine, task, rank, world, device)
     if rank == 0 and "steps" in summary:
-        inputs = [cfg.data.train, *([cfg.data.valid] if cfg.data.valid else [])]
-        write_manifest(cfg.run_dir, "rm", cfg, inputs, summary, started, request=request)
+        write_manifest(cfg.run_dir, "rm", cfg, loop.manifest_inputs(cfg), summary, started, request=request)
     return summary

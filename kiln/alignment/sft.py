@@ -24,6 +24,7 @@ from kiln.training import checkpoint as ckpt
 from kiln.training import loop
 from kiln.training.engine import build_engine, eval_step, lm_loss
 from kiln.training.layers import transformer_engine_available
+from kiln.training.model import attend_within_mask
 from kiln.training.pretrain import run_ranks
 
 
@@ -72,12 +73,18 @@ def _train(cfg: SFTConfig, rank: int, world: int, device, started: float, reques
 
     train_ds, valid_ds, reports = load_datasets(cfg, rank)
     adapted = cfg.lora.enabled
-    engine = build_engine(cfg, device, (lambda gpt: lora.apply_lora(gpt, cfg.lora, cfg.train.seed))
-                          if adapted else None)
+    thd = device.type == "cuda" and transformer_engine_available()  # TE takes packed sequences as THD
+
+    def transform(gpt):
+        if cfg.data.packing and not thd:
+            attend_within_mask(gpt)
+        if adapted:
+            lora.apply_lora(gpt, cfg.lora, cfg.train.seed)
+
+    engine = build_engine(cfg, device, transform)
     t = cfg.train
     order = BatchOrder(t.micro_batch_size, t.global_batch_size, engine.dp_rank, engine.dp_size)
     count = cfg.num_microbatches(world)
-    thd = device.type == "cuda" and transformer_engine_available()
 
     def batches(dataset):
         return lambda step: sft_data.microbatches(dataset, order, step, count, device, cfg.data.packing, thd)
@@ -102,9 +109,7 @@ def _train(cfg: SFTConfig, rank: int, world: int, device, started: float, reques
         if cfg.lora.merge:
             summary.update(merge_and_save(cfg, engine, task, summary["steps"]))
     if rank == 0:
-        inputs = [cfg.data.train, *([cfg.data.valid] if cfg.data.valid else []),
-                  str(Path(cfg.data.tokenizer) / "tokenizer.json")]
-        write_manifest(cfg.run_dir, "sft", cfg, inputs, summary, started, request=request)
+        write_manifest(cfg.run_dir, "sft", cfg, loop.manifest_inputs(cfg), summary, started, request=request)
     return summary
 
 

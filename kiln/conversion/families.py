@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from kiln.config import ConfigError, ModelConfig
+from kiln.config import ModelConfig
 from kiln.conversion import gpt2, llama
+from kiln.errors import ConfigError
 
 FAMILIES: dict[str, ModuleType] = {t: module for module in (llama, gpt2) for t in module.MODEL_TYPES}
 

@@ -6,8 +6,9 @@ HF's Conv1D layers store (in, out) weights and one fused [q; k; v] projection.
 
 from __future__ import annotations
 
-from kiln.config import ConfigError, ModelConfig
+from kiln.config import ModelConfig
 from kiln.conversion.mapping import InterleavedQKV, PaddedVocab, Param, Same, Transposed
+from kiln.errors import ConfigError
 
 MODEL_TYPES = ("gpt2",)
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel"}

@@ -13,16 +13,12 @@ from pathlib import Path
 
 import torch
 
-from kiln.config import ConfigError
 from kiln.conversion.safetensors_io import Entry, SafetensorsError, StreamReader, StreamWriter
+from kiln.errors import ConfigError, HFFormatError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 INDEX = "model.safetensors.index.json"
-
-
-class HFFormatError(ValueError):
-    pass
 
 
 def read_config(directory: str | Path) -> dict:

@@ -7,8 +7,9 @@ scaling.
 
 from __future__ import annotations
 
-from kiln.config import ConfigError, ModelConfig, RopeScaling
+from kiln.config import ModelConfig, RopeScaling
 from kiln.conversion.mapping import GateUp, InterleavedQKV, PaddedVocab, Param
+from kiln.errors import ConfigError
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}

@@ -4,7 +4,7 @@ A directory holds `metadata.json` (the backend), `common.pt` (non-tensor state: 
 the model config) and a DCP checkpoint of global tensors whose layers are stacked on dim 0, so
 it loads into any TP/PP layout; the vocabulary rows are padded for the target TP. Linear layers
 also save an `_extra_state` object per layer (TransformerEngine keeps FP8 metadata there; the
-local spec saves None), which megatron-core requires to be present.
+local spec saves None), which megatron-core requires to be present; so does TE's final norm.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from kiln.conversion import dcp
+from kiln.errors import MegatronFormatError
 from kiln.training import checkpoint as ckpt
 
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -23,16 +24,20 @@ EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj"
                        "mlp.linear_fc2")
 
 
-class MegatronFormatError(ValueError):
-    pass
-
-
 def extra_state_chunks(num_layers: int, prefix: str = "") -> list[dcp.Chunk]:
-    return [
+    """Every `_extra_state` object megatron-core's TransformerEngine layer spec names (derived
+    and checked in tests/conversion/te_spec.py): the four linears per layer, stacked like the
+    layers, and the final norm (TENorm), unstacked. Each holds None: no FP8 state was ever
+    recorded, which TE's set_extra_state reads as "nothing saved". So a converted checkpoint
+    loads strictly into the TE spec on GPU as into the local spec on CPU."""
+    per_layer = [
         dcp.Chunk(f"{prefix}decoder.layers.{module}._extra_state/shard_{layer}_{num_layers}", (), None, None, None,
                   lambda: [None])
         for module in EXTRA_STATE_MODULES for layer in range(num_layers)
     ]
+    final_norm = dcp.Chunk(f"{prefix}decoder.final_layernorm._extra_state/shard_0_1", (), None, None, None,
+                           lambda: [None])
+    return [*per_layer, final_norm]
 
 
 def write(path: str | Path, chunks: list[dcp.Chunk], common: dict) -> None:

@@ -22,14 +22,11 @@ import yaml
 
 from kiln.config import ModelConfig
 from kiln.conversion import dcp, hf, megatron
+from kiln.errors import NemoFormatError
 
 NEMO2_PREFIX = "module."
 NEMO1_PREFIX = "model."
 ARCHIVE_NAME = "model.nemo"
-
-
-class NemoFormatError(ValueError):
-    pass
 
 
 def nemo1_config(m: ModelConfig) -> dict:

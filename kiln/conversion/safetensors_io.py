@@ -18,13 +18,11 @@ from pathlib import Path
 
 import torch
 
+from kiln.errors import SafetensorsError
+
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
           torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL", torch.float64: "F64"}
 FROM_NAME = {v: k for k, v in DTYPES.items()}
-
-
-class SafetensorsError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

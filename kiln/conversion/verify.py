@@ -13,14 +13,11 @@ from collections.abc import Callable
 import torch
 
 from kiln.config import ModelConfig, ParallelConfig
+from kiln.errors import ParityError
 
 TOLERANCE = 1e-4
 # read(key, layer) -> the whole global tensor, or one layer of a stacked one
 TensorSource = Callable[[str, "int | None"], torch.Tensor]
-
-
-class ParityError(RuntimeError):
-    pass
 
 
 def sample_tokens(vocab: int, batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 import time
 from collections import Counter
 from itertools import islice
@@ -23,26 +22,37 @@ import numpy as np
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kiln.artifact import atomic_dir, atomic_write_text, write_manifest
-from kiln.config import ConfigError, CurateConfig
+from kiln.bootstrap import interactive
+from kiln.config import CurateConfig
 from kiln.curation import dedup
 from kiln.curation.io import BadInput, Document, read_documents, write_shards
+from kiln.validation import Check, Problems, check_output_dir, check_ranges, ensure_valid
 
 CHUNK = 512  # documents per worker task
 
 
-def _validate(cfg: CurateConfig) -> None:
+def validate(cfg: CurateConfig, check: Check, problems: Problems) -> None:
+    check_ranges(cfg, problems)
     if not cfg.inputs:
-        raise ConfigError("inputs is empty: give JSONL (.jsonl, .gz, .zst) or Parquet files")
-    if not 0 < cfg.jaccard_threshold < 1:
-        raise ConfigError(f"jaccard_threshold={cfg.jaccard_threshold}: give a Jaccard similarity in (0, 1), e.g. 0.8")
+        problems.add("inputs is empty: give JSONL (.jsonl, .gz, .zst), Parquet, WARC or HTML files")
+    for path in cfg.inputs:
+        if not check.will_exist(path):
+            check.missing(problems,
+                          f"inputs: {path} does not exist: give a raw file or a directory of them")
+    for name in ("max_top_ngram_ratios", "max_duplicate_ngram_ratios"):
+        for n, ratio in getattr(cfg.filters, name).items():
+            if not str(n).isdigit() or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+                problems.add(f"filters.{name}: {n!r}: {ratio!r} must map an n-gram size to a ratio in [0, 1], "
+                             f"e.g. {{\"2\": 0.2}}")
+    if cfg.filters.min_words > cfg.filters.max_words:
+        problems.add(f"filters.min_words={cfg.filters.min_words} is above filters.max_words={cfg.filters.max_words}")
     if cfg.dedup_backend == "gpu":
         from kiln.curation.gpu import cudf_available
 
         if not cudf_available():
-            raise ConfigError("dedup_backend=gpu needs cuDF (NeMo Curator's GPU extra, in the NGC image): use "
-                              "dedup_backend=cpu or auto")
-    if cfg.ngram < 1 or cfg.num_perm < 8 or cfg.workers < 1 or cfg.shard_mb <= 0:
-        raise ConfigError("ngram, workers and shard_mb must be positive and num_perm at least 8")
+            problems.add("dedup_backend=gpu needs cuDF (NeMo Curator's GPU extra, in the NGC image): use "
+                         "dedup_backend=cpu or auto")
+    check_output_dir("output_dir", cfg.output_dir, problems)
 
 
 _SCREENER = None  # per worker process: the filters, with the language-id model loaded once
@@ -82,7 +92,7 @@ def _chunks(iterable, size):
 
 
 def curate(cfg: CurateConfig) -> dict:
-    _validate(cfg)
+    ensure_valid(cfg, validate, what="the curate config")
     started = time.time()
     bad, pii_counts = BadInput(), Counter()
     stats = {"read": Counter(), "normalize": Counter(), "exact_dedup": Counter(), "fuzzy_dedup": Counter(),
@@ -94,7 +104,7 @@ def curate(cfg: CurateConfig) -> dict:
         spill = tmp / ".spill.jsonl"
         tic = time.perf_counter()
         progress = Progress(TextColumn("kiln curate"), BarColumn(), TextColumn("{task.completed} documents"),
-                            TimeElapsedColumn(), transient=True, disable=not sys.stdout.isatty())
+                            TimeElapsedColumn(), transient=True, disable=not interactive())
         with open(spill, "w", encoding="utf-8") as f, get_context("fork").Pool(cfg.workers) as pool, progress:
             task = progress.add_task("read", total=None)
             # a window of chunks at a time: Pool.imap would read the whole input ahead

@@ -5,22 +5,15 @@ Two ways to run them:
 - `engine=kiln` (default): Curator's `DocumentFilter` objects inside kiln's worker processes,
   next to normalization and MinHash, in one pass and without Ray;
 - `engine=curator`: a Curator `Pipeline` (JsonlReader -> a Score stage with every filter ->
-  JsonlWriter) on a Ray cluster kiln starts and always tears down (see `ray_cluster`); kiln
+  JsonlWriter) on a Ray cluster kiln starts and always tears down (kiln.curation.ray_cluster); kiln
   judges from the scores it wrote.
 The first filter that rejects a document is the one the report charges with the removal.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import signal
-import sys
-import tempfile
+import ast
 from pathlib import Path
-
-import psutil
 
 from kiln.config import FilterConfig
 
@@ -94,61 +87,13 @@ class Screener:
         language = None
         for name, f, score in scored:  # lazily scored: the first rejection stops the scoring
             if name == "language":
-                confidence, language = eval(score)  # Curator encodes [score, label] as a string  # noqa: S307
+                confidence, language = ast.literal_eval(score)  # Curator encodes [score, label] as a string
                 language = language.casefold()
                 if confidence < self.cfg.min_langid_score or language.split("_")[0] not in self.languages:
                     return name, language
             elif not f.keep_document(score):
                 return name, language
         return None, language
-
-
-@contextlib.contextmanager
-def ray_cluster(num_cpus: int, object_store_bytes: int = 256 << 20):
-    """A local Ray cluster for a Curator pipeline that never outlives it.
-
-    Ray 2.60's token auth hangs a client of a local cluster (RAY_AUTH_MODE=disabled); a killed
-    run leaves /tmp/ray/ray_current_cluster behind, and the next start hangs on that stale
-    address, so it is removed when no Ray process is alive. On exit every process Ray started
-    (found by pid: the head and all its children) is terminated, then killed.
-    """
-    from nemo_curator.core.client import RayClient
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ.pop("RAY_ADDRESS", None)
-    # RayClient starts the `ray` command from PATH: this interpreter's, also from a bare venv
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    stale = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-    if stale.exists() and not any("raylet" in (p.info["name"] or "") for p in psutil.process_iter(["name"])):
-        stale.unlink()
-    temp_dir = tempfile.mkdtemp(prefix="kiln-ray-")
-    client = RayClient(num_cpus=num_cpus, object_store_memory=object_store_bytes, include_dashboard=False,
-                       ray_temp_dir=temp_dir)
-    before = {p.pid for p in psutil.process_iter()}
-    client.start()
-    started = [p for p in psutil.process_iter() if p.pid not in before]
-    try:
-        yield client
-    finally:
-        with contextlib.suppress(Exception):
-            client.stop()
-        _terminate(started)
-        os.environ.pop("RAY_ADDRESS", None)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _terminate(processes: list) -> None:
-    alive = []
-    for p in processes:
-        with contextlib.suppress(psutil.Error):
-            alive += [p, *p.children(recursive=True)]
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.send_signal(signal.SIGTERM)
-    _, still = psutil.wait_procs(alive, timeout=10)
-    for p in still:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
 
 
 SCORE_PREFIX = "kiln_score_"
@@ -173,6 +118,8 @@ def score_with_curator(cfg: FilterConfig, inputs: list[str], output_dir: Path, n
     pipeline.add_stage(Score(score_fn=[f for _, f in named], score_field=[SCORE_PREFIX + n for n, _ in named],
                              text_field="text", name="kiln_filters").with_(resources=Resources(cpus=1.0)))
     pipeline.add_stage(JsonlWriter(path=str(output_dir)).with_(resources=Resources(cpus=0.5)))
+    from kiln.curation.ray_cluster import ray_cluster
+
     with ray_cluster(num_cpus):
         pipeline.run(XennaExecutor(config={"execution_mode": "batch", "cpu_allocation_percentage": 1.0,
                                            "logging_interval": 3600}))

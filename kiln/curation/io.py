@@ -9,7 +9,6 @@ over-long line) is counted and located by file and line, then skipped, or stops 
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -17,10 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.config import CurateConfig
-
-
-class CurationInputError(ValueError):
-    """Bad input under `strict`; the message names the file, the line and the problem."""
+from kiln.data import jsonl
+from kiln.errors import CurationInputError
 
 
 @dataclass
@@ -43,22 +40,6 @@ class BadInput:
             self.examples.append(f"{where}: {reason}")
 
 
-def _lines(path: Path) -> Iterator[bytes]:
-    if path.name.endswith(".gz"):
-        with gzip.open(path, "rb") as f:
-            yield from f
-    elif path.name.endswith(".zst"):
-        import io
-
-        import zstandard
-
-        with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as f:
-            yield from io.BufferedReader(f)
-    else:
-        with open(path, "rb") as f:
-            yield from f
-
-
 def _parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
     try:
         import pyarrow.parquet as pq
@@ -71,11 +52,25 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
             yield row, record
 
 
-def read_documents(cfg: CurateConfig, bad: BadInput) -> Iterator[Document]:
-    for name in cfg.inputs:
+RAW_SUFFIXES = (*jsonl.SUFFIXES, ".parquet", ".warc", ".warc.gz", ".html", ".htm")
+
+
+def input_files(paths: list[str]) -> list[Path]:
+    """Files as given; a directory stands for its raw files in name order."""
+    out = []
+    for name in paths:
         path = Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"inputs: {path} does not exist or is not a file")
+        if path.is_dir():
+            out += sorted(p for p in path.iterdir() if p.name.endswith(RAW_SUFFIXES) and not p.name.startswith("."))
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise CurationInputError(f"inputs: {path} does not exist or is not a file")
+    return out
+
+
+def read_documents(cfg: CurateConfig, bad: BadInput) -> Iterator[Document]:
+    for path in input_files(cfg.inputs):
         if path.suffix == ".parquet":
             records = ((f"{path}:row {row}", record) for row, record in _parquet_records(path))
         elif path.name.endswith((".warc", ".warc.gz", ".html", ".htm")):
@@ -126,26 +121,8 @@ def _warc_pages(path: Path) -> Iterator[tuple[str, bytes]]:
 
 
 def _json_records(path: Path, cfg: CurateConfig, bad: BadInput) -> Iterator[tuple[str, dict]]:
-    for lineno, raw in enumerate(_lines(path), 1):
-        where = f"{path}:{lineno}"
-        if not raw.strip():
-            continue
-        if len(raw) > cfg.max_line_bytes:
-            bad.add(where, f"line of {len(raw)} bytes exceeds max_line_bytes={cfg.max_line_bytes}", "too_long",
-                    cfg.strict)
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            bad.add(where, f"invalid UTF-8 ({exc.reason})", "bad_utf8", cfg.strict)
-            continue
-        except json.JSONDecodeError as exc:
-            bad.add(where, f"not valid JSON ({exc.msg})", "bad_json", cfg.strict)
-            continue
-        if not isinstance(record, dict):
-            bad.add(where, "a line must be a JSON object", "bad_json", cfg.strict)
-            continue
-        yield where, record
+    return jsonl.records(path, lambda where, reason, kind: bad.add(where, reason, kind, cfg.strict),
+                         cfg.max_line_bytes)
 
 
 def write_shards(directory: Path, documents: Iterator[Document], shard_bytes: int, fmt: str = "jsonl") -> list[str]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kiln.errors import TemplateError
+
 ROLES = ("system", "user", "assistant")
 
 # Built-ins, written from the published formats; `chat_template=tokenizer` uses the tokenizer's.
@@ -30,10 +32,6 @@ BUILTIN = {
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     ),
 }
-
-
-class TemplateError(ValueError):
-    """The template cannot produce an assistant-only mask for a conversation."""
 
 
 @dataclass

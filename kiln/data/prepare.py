@@ -8,8 +8,6 @@ token is appended to each, and megatron-core's IndexedDatasetBuilder writes the
 
 from __future__ import annotations
 
-import gzip
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,43 +15,23 @@ from pathlib import Path
 import numpy as np
 
 from kiln.artifact import atomic_dir, write_manifest
-from kiln.config import ConfigError, PrepareConfig
+from kiln.config import PrepareConfig
+from kiln.data import jsonl
 from kiln.data import tokenizer as tok
-
-
-class InputError(ValueError):
-    """Bad input data; the message names the file, the line and the fix."""
+from kiln.errors import InputError
+from kiln.validation import Check, Problems, check_output_dir, check_ranges, ensure_valid
 
 
 def read_texts(paths: list[str], field: str) -> Iterator[str]:
     """Yield each record's `field`, failing with file:line on malformed records."""
-    for path in paths:
-        opener = gzip.open if str(path).endswith(".gz") else open
-        with opener(path, "rb") as f:  # bytes, decoded per line, so errors know their line
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise InputError(
-                        f"{path}:{lineno}: invalid UTF-8 ({exc.reason}); re-encode the file as UTF-8"
-                    ) from None
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(
-                        f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one "
-                        f"JSON object, e.g. {{\"{field}\": \"...\"}}"
-                    ) from None
-                text = record.get(field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise InputError(
-                        f"{path}:{lineno}: field {field!r} is missing or not a string; set "
-                        f"text_field to the field that holds the document text"
-                    )
-                if text:
-                    yield text
+    for path in jsonl.files(paths):
+        for where, record in jsonl.records(path):
+            text = record.get(field)
+            if not isinstance(text, str):
+                raise InputError(f"{where}: field {field!r} is missing or not a string; set text_field to the field "
+                                 f"that holds the document text")
+            if text:
+                yield text
 
 
 def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -67,15 +45,27 @@ def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+def validate(cfg: PrepareConfig, check: Check, problems: Problems) -> None:
+    check_ranges(cfg, problems)
+    if not cfg.inputs:
+        problems.add("inputs is empty: give one or more JSONL files (or directories of them) with a text field")
+    for path in cfg.inputs:
+        if not check.will_exist(path):
+            check.missing(problems,
+                          f"inputs: {path} does not exist: give a JSONL file (.jsonl, .gz, .zst) or a directory "
+                         f"of them")
+    if cfg.tokenizer and not check.will_exist(cfg.tokenizer):
+        check.missing(problems,
+                      f"tokenizer={cfg.tokenizer} does not exist: give a Hugging Face tokenizer directory, or leave "
+                     f"it unset to train a byte-level BPE")
+    check_output_dir("output_dir", cfg.output_dir, problems)
+
+
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the stage; returns the summary written into the manifest."""
+    ensure_valid(cfg, validate, what="the prepare config")
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    if not cfg.inputs:
-        raise ConfigError("inputs is empty: give one or more JSONL files with a text field")
-    for path in cfg.inputs:
-        if not Path(path).is_file():
-            raise ConfigError(f"inputs: {path} does not exist or is not a file")
     started = time.time()
     out = Path(cfg.output_dir)
     with atomic_dir(out) as tmp:
@@ -112,5 +102,6 @@ def prepare(cfg: PrepareConfig) -> dict:
             "seconds": round(elapsed, 3),
             "tokens_per_second": round(tokens / max(elapsed, 1e-9)),
         }
-        write_manifest(tmp, "prepare", cfg, cfg.inputs, summary, started)
+        write_manifest(tmp, "prepare", cfg, [*jsonl.files(cfg.inputs), *([cfg.tokenizer] if cfg.tokenizer else [])],
+                       summary, started)
     return summary

@@ -7,17 +7,13 @@ run ends with a report of what was kept, dropped and why.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from kiln.data import jsonl
 from kiln.data.chat import ROLES
-
-
-class RecordError(ValueError):
-    """A record that cannot be used; the message names the file, the line and the fix."""
+from kiln.errors import RecordError
 
 
 @dataclass
@@ -50,27 +46,14 @@ class DataReport:
 
 
 def read_jsonl(path: str, report: DataReport, strict: bool) -> Iterator[tuple[str, dict]]:
-    """(location, record) for every well-formed JSON object line of `path`."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} does not exist: give a JSONL file with one record per line")
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            if not raw.strip():
-                continue
-            report.records += 1
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                report.drop(where, f"invalid UTF-8 ({exc.reason}); re-encode the file as UTF-8", "bad_json", strict)
-                continue
-            except json.JSONDecodeError as exc:
-                report.drop(where, f"not valid JSON ({exc.msg})", "bad_json", strict)
-                continue
-            if not isinstance(record, dict):
-                report.drop(where, "a line must be a JSON object", "bad_json", strict)
-                continue
-            yield where, record
+    """(location, record) for every well-formed JSON object line of `path` (.jsonl, .gz, .zst)."""
+    def bad(where: str, reason: str, kind: str) -> None:
+        report.records += kind != "truncated"
+        report.drop(where, reason, kind, strict)
+
+    for where, record in jsonl.records(path, bad):
+        report.records += 1
+        yield where, record
 
 
 def messages_of(record: dict, final_role: str | None = "assistant") -> list[dict]:

@@ -10,7 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kiln.config import ConfigError
+import kiln
+from kiln.errors import ConfigError
 from kiln.launch.config import LaunchConfig
 from kiln.launch.secrets import check_names, present
 
@@ -21,12 +22,6 @@ def experiments_home(launch: LaunchConfig) -> Path:
     """NeMo-Run's home: experiments live under <home>/experiments/<title>/<title>_<id>/."""
     home = launch.experiments_dir or os.environ.get("NEMORUN_HOME", "~/.nemo_run")
     return Path(home).expanduser().resolve()
-
-
-def world_size(launch: LaunchConfig, nproc: int) -> int:
-    if launch.executor == "slurm":
-        return launch.slurm.nodes * launch.slurm.tasks_per_node
-    return nproc
 
 
 def build(launch: LaunchConfig, nproc: int, dryrun: bool = False):
@@ -50,10 +45,26 @@ def local(launch: LaunchConfig, nproc: int):
                              env_vars=env)
 
 
+def packager(launch: LaunchConfig):
+    """`ship`: NeMo-Run's PatternPackager puts this installation's kiln/ into the job's code
+    directory (`/nemo_run/code` in a container), the ranks' working directory, which `python -m`
+    puts first on sys.path: the job runs the code it was submitted with, uncommitted edits
+    included, whatever kiln the image holds. `image`: nothing is shipped."""
+    import nemo_run as run
+
+    if launch.code == "image":
+        return run.Packager()
+    root = str(Path(kiln.__file__).resolve().parents[1])
+    return run.PatternPackager(include_pattern=[f"{root}/kiln"], relative_path=[root])
+
+
 def slurm(launch: LaunchConfig, single_task: bool = False):
-    """One srun task per rank (kiln reads SLURM_PROCID/SLURM_NTASKS), no code shipped: kiln is
-    installed in the container image or on the cluster's shared file system. A single-process
-    stage (prepare, curate) gets one task on one node whatever the site's layout."""
+    """One srun task per rank (kiln reads SLURM_PROCID/SLURM_NTASKS). The batch script, on the
+    batch host where Slurm's commands exist, exports the rendezvous address to every task
+    (MASTER_ADDR: the job's first node, as NeMo-Run's script computes it) and, after srun ends,
+    requeues a job whose rank 0 left a preemption marker (`slurm.exit_trap`, added per task by
+    kiln.launch.submit): inside a pyxis container there is no scontrol. A single-process stage
+    (prepare, curate) gets one task on one node whatever the site's layout."""
     import nemo_run as run
 
     s = dataclasses.replace(launch.slurm, nodes=1, tasks_per_node=1) if single_task else launch.slurm
@@ -65,9 +76,13 @@ def slurm(launch: LaunchConfig, single_task: bool = False):
         # NeMo-Run's LocalTunnel must point at its own experiments folder, or sbatch cannot open
         # the script it wrote (field notes)
         tunnel = run.LocalTunnel(job_dir=str(experiments_home(launch) / "experiments"))
-    # values are exported by the batch script as `export K=V`: quote them for the shell
-    env = {key: shlex.quote(str(value)) for key, value in launch.env.items()}
+    # exported by the batch script, in this order, before srun: Slurm's own directory first (the
+    # exit trap calls scontrol from it whatever PATH the job sets), then the rank-0 address
+    env = {"KILN_SLURM_BIN": '"$(dirname "$(command -v scontrol)")"', "MASTER_ADDR": "$head_node"}
+    # values are exported as `export K=V`: quote them for the shell
+    env.update({key: shlex.quote(str(value)) for key, value in launch.env.items()})
     env["KILN_ON_PREEMPT"] = "requeue" if s.requeue else "resubmit"
+    env["KILN_PREEMPT_DIR"] = "/nemo_run"  # the task's job dir: mounted in a container, the path itself on a host
     if s.tunnel == "local":
         # relative paths in the config mean what they meant where the job was submitted
         env["KILN_WORKDIR"] = shlex.quote(os.getcwd())
@@ -91,13 +106,13 @@ def slurm(launch: LaunchConfig, single_task: bool = False):
         container_mounts=list(s.container_mounts),
         # pyxis copies these variables from the job's environment into the container: the
         # explicit env and the secrets, by name, so nothing relies on the image's ENV
-        container_env=[*env, *launch.secrets] if s.container_image else None,
+        container_env=[*(k for k in env if k != "KILN_SLURM_BIN"), *launch.secrets] if s.container_image else None,
         env_vars=env,
         additional_parameters=extra,
         setup_lines="\n".join(s.setup_lines) or None,
         srun_args=list(s.srun_args) or None,
         tunnel=tunnel,
-        packager=run.Packager(),
+        packager=packager(launch),
         retries=0,  # kiln requeues on preemption only; a crash is not retried blindly
     )
 
@@ -124,7 +139,7 @@ def docker(launch: LaunchConfig, nproc: int, dryrun: bool = False):
         ulimits=list(d.ulimits),
         volumes=volumes,
         env_vars=env,
-        packager=run.Packager(),
+        packager=packager(launch),
     )
 
 
@@ -138,12 +153,3 @@ def write_secrets_file(launch: LaunchConfig, names: list[str]) -> Path:
     with os.fdopen(fd, "w") as f:
         f.writelines(f"{name}={os.environ[name]}\n" for name in names)
     return Path(path)
-
-
-def load_secrets_file() -> None:
-    """In the container: export the secrets the launcher mounted (see `docker`)."""
-    path = os.environ.get("KILN_SECRETS_FILE")
-    if path and Path(path).exists():
-        for line in Path(path).read_text().splitlines():
-            name, _, value = line.partition("=")
-            os.environ.setdefault(name, value)

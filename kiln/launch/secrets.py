@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 
-from kiln.config import ConfigError
+from kiln.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 

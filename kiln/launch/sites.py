@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from kiln import overrides
-from kiln.config import ConfigError
+from kiln.errors import ConfigError
 from kiln.launch.config import LaunchConfig
 
 SITES_DIR = Path(__file__).resolve().parents[2] / "slurm" / "sites"

@@ -1,44 +1,63 @@
-"""What a preempted Slurm job does after its checkpoint: run again, from that checkpoint.
+"""Slurm: what a preempted job does, and watching jobs from the submitting side.
 
-With `launch.slurm.requeue` (the default) rank 0 requeues its own job; the scheduler ends
-this run and starts the same batch script again, which resumes. Where requeue is not
-allowed, it submits a copy of the batch script that starts once this job has ended
-(`--dependency=afterany`). The launcher passes the choice in KILN_ON_PREEMPT.
+A preempted job runs again from its checkpoint. Rank 0 only leaves a marker in its job
+directory (`preempted_<job>_<restart>`); the batch script's exit trap, on the batch host where
+Slurm's commands exist (inside a pyxis container there is no scontrol), then requeues the job,
+or with `launch.slurm.requeue=false` submits a copy that starts after this one ends
+(`--dependency=afterany`). A marker per restart count never triggers a second requeue.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+from pathlib import Path
+
+from kiln.errors import SlurmError
+
+MARKER = "preempted_{job}_{restart}"
+
+
+def exit_trap(job_dir: str, mode: str) -> str:
+    """Batch-script lines, run on the batch host after srun: act on rank 0's preemption marker.
+    Slurm's commands come from KILN_SLURM_BIN, resolved before the job's own PATH is exported."""
+    marker = f'{job_dir}/{MARKER.format(job="${SLURM_JOB_ID}", restart="${SLURM_RESTART_COUNT:-0}")}'
+    bin_ = '"${KILN_SLURM_BIN:-/usr/bin}"'
+    if mode == "requeue":
+        action = f'{bin_}/scontrol requeue "$SLURM_JOB_ID" && echo "kiln: requeued job $SLURM_JOB_ID"'
+    else:
+        action = (f'script=$({bin_}/scontrol show job "$SLURM_JOB_ID" -o | grep -o "Command=[^ ]*" | cut -d= -f2); '
+                  f'{bin_}/sbatch --parsable --dependency=afterany:"$SLURM_JOB_ID" "$script" '
+                  f'&& echo "kiln: submitted a copy of job $SLURM_JOB_ID to resume after it"')
+    return "\n".join([
+        "# kiln: after srun, outside any container: requeue if rank 0 checkpointed for a preemption",
+        f'kiln_after_job() {{ rc=$?; if [ -f "{marker}" ]; then {action}; fi; exit $rc; }}',
+        "trap kiln_after_job EXIT",
+    ])
 
 
 def after_preemption() -> None:
-    job = os.environ["SLURM_JOB_ID"]
-    mode = os.environ.get("KILN_ON_PREEMPT", "requeue")
-    if mode == "requeue":
+    """Rank 0, after the preemption checkpoint: leave the marker the batch script acts on. A job
+    whose script kiln did not write (`srun kiln ...` in one's own sbatch) has no marker
+    directory: it requeues itself when scontrol is at hand."""
+    job, restart = os.environ["SLURM_JOB_ID"], os.environ.get("SLURM_RESTART_COUNT", "0")
+    directory = os.environ.get("KILN_PREEMPT_DIR")
+    if directory:
+        (Path(directory) / MARKER.format(job=job, restart=restart)).touch()
+        print(f"kiln: preempted; the batch script {os.environ.get('KILN_ON_PREEMPT', 'requeue')}s job {job}",
+              flush=True)
+    elif shutil.which("scontrol"):
         _run(["scontrol", "requeue", job])
         print(f"kiln: requeued Slurm job {job}; it resumes from the checkpoint", flush=True)
-    elif mode == "resubmit":
-        script = batch_script(job)
-        out = _run(["sbatch", "--parsable", f"--dependency=afterany:{job}", script])
-        print(f"kiln: submitted job {out.strip()} to resume after job {job}", flush=True)
-
-
-def batch_script(job: str) -> str:
-    info = _run(["scontrol", "show", "job", job, "-o"])
-    match = re.search(r"\bCommand=(\S+)", info)
-    if not match:
-        raise RuntimeError(f"scontrol shows no batch script for job {job}: cannot resubmit")
-    return match.group(1)
+    else:
+        print(f"kiln: preempted, but job {job} cannot be requeued from here (no scontrol, no kiln batch "
+              f"script); resubmit it with --resume", flush=True)
 
 
 def _run(command: list[str]) -> str:
     return subprocess.run(command, capture_output=True, text=True, check=True).stdout
-
-
-class SlurmError(RuntimeError):
-    """The cluster cannot take the job; the message says what to check."""
 
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",

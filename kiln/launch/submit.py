@@ -13,7 +13,7 @@ from pathlib import Path
 from kiln.launch import executors, slurm
 from kiln.launch.config import LaunchConfig
 from kiln.launch.secrets import scrub
-from kiln.launch.task import to_partial
+from kiln.launch.task import run_stage, to_run_config
 from kiln.stages import dump_config
 
 
@@ -36,6 +36,10 @@ class Launched:
     def ok(self) -> bool:
         return all(state == "SUCCEEDED" for state in self.states.values())
 
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
 
 def _experiment(title: str, launch: LaunchConfig):
     import nemo_run as run
@@ -51,10 +55,21 @@ def _add_all(exp, tasks: list[Task], launch: LaunchConfig, dryrun: bool = False)
     for task in tasks:
         executor = executors.build(launch, task.nproc, dryrun)
         # a string is a shell script (another framework's trainer); a config is a kiln stage
-        fn = run.Script(inline=task.cfg) if isinstance(task.cfg, str) else to_partial(task.cfg)
+        fn = run.Script(inline=task.cfg) if isinstance(task.cfg, str) else \
+            run.Partial(run_stage, cfg=to_run_config(task.cfg))
         ids[task.name] = exp.add(fn, executor=executor, name=task.name,
                                  dependencies=[ids[a] for a in task.after] or None)
+        if launch.executor == "slurm":
+            _add_exit_trap(exp.jobs[-1].executor, launch)
     return ids
+
+
+def _add_exit_trap(executor, launch: LaunchConfig) -> None:
+    """The requeue step, last in the batch script's setup: its job directory (as the batch host
+    sees it) is known only once NeMo-Run has assigned the task to the experiment."""
+    job_dir = f"{executor.tunnel.job_dir}/{Path(executor.job_dir).name}"
+    mode = "requeue" if launch.slurm.requeue else "resubmit"
+    executor.setup_lines = "\n".join(filter(None, [executor.setup_lines, slurm.exit_trap(job_dir, mode)]))
 
 
 def render(title: str, tasks: list[Task], launch: LaunchConfig) -> str:
@@ -98,6 +113,18 @@ def submit(title: str, tasks: list[Task], launch: LaunchConfig, detach: bool = F
         return Launched(exp._id, exp_dir, {k: _as_nemo_state(v) for k, v in states.items()}, job_ids)
     # leaving the `with` block waited for local and docker jobs
     return Launched(exp._id, exp_dir, {job.id: job.state.name for job in exp.jobs})
+
+
+def reported_errors(experiment_dir: Path) -> list[str]:
+    """The one-line errors kiln's ranks printed (`kiln: ...`), from every log of an experiment,
+    each once: what a failed launch ends with, below torchrun's and the scheduler's noise."""
+    seen: dict[str, None] = {}
+    for log in sorted(p for p in Path(experiment_dir).rglob("*") if p.suffix in (".log", ".out") and p.is_file()):
+        for line in log.read_text(errors="replace").splitlines():
+            line = line.split("]:", 1)[-1].strip() if line.startswith("[") else line.strip()  # torchrun's tee prefix
+            if line.startswith("kiln: "):
+                seen.setdefault(line, None)
+    return list(seen)
 
 
 def _as_nemo_state(slurm_state: str) -> str:

@@ -1,4 +1,4 @@
-"""Stages as NeMo-Run tasks: a stage config becomes a `run.Partial` of `run_stage`.
+"""What runs on a launched rank: `run_stage(cfg)`, the function every NeMo-Run task calls.
 
 `run.Config` mirrors the dataclass tree field by field, so NeMo-Run serializes it into the
 experiment directory and rebuilds the very same typed config on each rank.
@@ -10,14 +10,9 @@ import dataclasses
 import os
 import sys
 
-from kiln.stages import STAGES, Stage
-
-
-def stage_for(cfg) -> Stage:
-    for stage in STAGES.values():
-        if type(cfg) is stage.config_cls:  # exact: SFTConfig is also a PretrainConfig
-            return stage
-    raise TypeError(f"{type(cfg).__name__} is not the config of any kiln stage")
+from kiln import bootstrap
+from kiln.errors import KilnError
+from kiln.stages import stage_for
 
 
 def to_run_config(obj):
@@ -33,28 +28,27 @@ def to_run_config(obj):
     return obj
 
 
-def to_partial(cfg):
-    """`run.Partial(run_stage, cfg=...)`: give it to run.run or add it to a run.Experiment."""
-    import nemo_run as run
-
-    stage_for(cfg)  # fail here, not on the cluster, for a config no stage takes
-    return run.Partial(run_stage, cfg=to_run_config(cfg))
-
-
 def run_stage(cfg):
-    """What every launched rank runs. A stage stopped by preemption exits EXIT_PREEMPTED after
-    rank 0 has asked Slurm to run the job again (requeue, or a dependent resubmission)."""
-    from kiln.cli import quiet_library_warnings
-    from kiln.launch.executors import load_secrets_file
+    """What every launched rank runs. A KilnError is printed once, as one line (by rank 0), and
+    ends the process with its exit code instead of a traceback from every rank."""
+    bootstrap.start_rank()
+    try:
+        return execute(cfg)
+    except KilnError as exc:
+        if rank() == 0:
+            print(f"kiln: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(exc.exit_code)  # no interpreter teardown: peers may still hold collectives open
+
+
+def execute(cfg):
+    """Run the stage in this process. One stopped by preemption exits EXIT_PREEMPTED after rank 0
+    has asked Slurm to run the job again (requeue, or a dependent resubmission)."""
     from kiln.training.preemption import EXIT_PREEMPTED
 
-    quiet_library_warnings()
-    load_secrets_file()
-    if os.environ.get("KILN_WORKDIR"):
-        os.chdir(os.environ["KILN_WORKDIR"])
     result = stage_for(cfg).run(cfg)
     if isinstance(result, dict) and "preempted_at" in result:
-        if "SLURM_JOB_ID" in os.environ and _rank() == 0:
+        if "SLURM_JOB_ID" in os.environ and rank() == 0:
             from kiln.launch.slurm import after_preemption
 
             after_preemption()
@@ -71,5 +65,5 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _rank() -> int:
+def rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))

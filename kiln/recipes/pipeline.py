@@ -1,10 +1,33 @@
-"""Pipeline recipes: the stages of a run, each pointed at the artifacts of the one before."""
+"""Pipeline recipes: the stages of a run, and the links that feed each stage its upstream's output.
+
+Links are resolved after overrides (kiln.pipeline.resolve_links), so changing a stage's own
+fields (`pretrain.run_dir=...`) moves every stage that reads from it; the path fields a link
+fills are left out of the recipe.
+"""
 
 from __future__ import annotations
 
 from kiln.config import ConvertConfig, CurateConfig, ExportConfig, PrepareConfig
-from kiln.pipeline import PipelineConfig
 from kiln.recipes import posttrain, pretrain
+from kiln.stages import PipelineConfig
+
+# target field <- stage.output (a list: the first stage present in the pipeline)
+TRAINING_CHAIN = {
+    "prepare.inputs": "curate.shards",
+    "pretrain.data.blend": "prepare.prefix",
+    "pretrain.data.tokenizer": "prepare.tokenizer",
+    "sft.data.tokenizer": "prepare.tokenizer",
+    "sft.checkpoint.load_weights": "pretrain.checkpoints",
+    "dpo.data.tokenizer": "prepare.tokenizer",
+    "dpo.checkpoint.load_weights": ["sft.checkpoints", "pretrain.checkpoints"],
+    "rm.data.tokenizer": "prepare.tokenizer",
+    "rm.checkpoint.load_weights": ["sft.checkpoints", "pretrain.checkpoints"],
+    "rlhf.data.tokenizer": "prepare.tokenizer",
+    "rlhf.checkpoint.load_weights": ["sft.checkpoints", "pretrain.checkpoints"],
+    "rlhf.rlhf.reward": "rm.checkpoints",
+    "convert.source": ["rlhf.checkpoints", "dpo.checkpoints", "sft.checkpoints", "pretrain.checkpoints"],
+    "export.source": "convert.output",
+}
 
 
 def tiny(root: str = "runs/demo") -> PipelineConfig:
@@ -12,20 +35,12 @@ def tiny(root: str = "runs/demo") -> PipelineConfig:
     dataset -> the tiny Llama -> SFT on chat data -> DPO -> a reward model -> GRPO against it ->
     a Hugging Face directory -> a TensorRT-LLM checkpoint (TP=2), each conversion checked by
     logits; CPU, minutes."""
-    data = f"{root}/data"
     model = pretrain.tiny()
     model.run_dir = f"{root}/pretrain"
-    model.data.blend = [f"{data}/corpus_text_document"]
-    model.data.tokenizer = f"{data}/tokenizer"
     tuned = [posttrain.sft_tiny(), posttrain.dpo_tiny(), posttrain.rm_tiny(), posttrain.rlhf_tiny()]
-    sft, dpo, rm, rlhf = tuned
     for cfg in tuned:
         cfg.run_dir = f"{root}/{cfg.run_dir.rsplit('/', 1)[-1]}"
-        cfg.data.tokenizer = f"{data}/tokenizer"
-    sft.checkpoint.load_weights = f"{model.run_dir}/checkpoints"
-    for cfg in (dpo, rm, rlhf):
-        cfg.checkpoint.load_weights = f"{sft.run_dir}/checkpoints"
-    rlhf.rlhf.reward = f"{rm.run_dir}/checkpoints"
+    sft, dpo, rm, rlhf = tuned
     curate = CurateConfig(inputs=["data/demo/corpus.jsonl"], output_dir=f"{root}/curated")
     # the demo corpus comes from a small grammar: its repeated n-grams are by design, not boilerplate
     curate.filters.max_top_ngram_ratios = {}
@@ -33,15 +48,40 @@ def tiny(root: str = "runs/demo") -> PipelineConfig:
     return PipelineConfig(
         name="tiny",
         curate=curate,
-        prepare=PrepareConfig(inputs=[f"{curate.output_dir}/curated_00000.jsonl"], output_dir=data, vocab_size=2048),
+        prepare=PrepareConfig(output_dir=f"{root}/data", vocab_size=2048),
         pretrain=model,
         sft=sft,
         dpo=dpo,
         rm=rm,
         rlhf=rlhf,
-        convert=ConvertConfig(source=f"{rlhf.run_dir}/checkpoints", output=f"{root}/hf", to="hf"),
-        export=ExportConfig(source=f"{root}/hf", output=f"{root}/trtllm", tp=2, dtype="float32"),
+        convert=ConvertConfig(output=f"{root}/hf", to="hf"),
+        export=ExportConfig(output=f"{root}/trtllm", tp=2, dtype="float32"),
+        links=dict(TRAINING_CHAIN),
     )
 
 
-RECIPES = {"tiny": tiny}
+def smoke(root: str = "runs/smoke") -> PipelineConfig:
+    """Every stage in CI-sized steps on ONE GPU, or on the CPU (pretraining as TP=2 on two
+    processes): prepare -> pretrain -> SFT -> DPO -> reward model -> GRPO -> HF -> TensorRT-LLM.
+    On the CPU each training stage must reproduce its reference curve (tests/assets/losses/)."""
+    model = pretrain.smoke()
+    model.run_dir = f"{root}/pretrain"
+    tuned = [posttrain.sft_smoke(), posttrain.dpo_smoke(), posttrain.rm_smoke(), posttrain.rlhf_smoke()]
+    for cfg in tuned:
+        cfg.run_dir = f"{root}/{cfg.run_dir.rsplit('/', 1)[-1]}"
+    sft, dpo, rm, rlhf = tuned
+    return PipelineConfig(
+        name="smoke",
+        prepare=PrepareConfig(inputs=["data/demo/corpus.jsonl"], output_dir=f"{root}/data", vocab_size=2048),
+        pretrain=model,
+        sft=sft,
+        dpo=dpo,
+        rm=rm,
+        rlhf=rlhf,
+        convert=ConvertConfig(output=f"{root}/hf", to="hf"),
+        export=ExportConfig(output=f"{root}/trtllm", tp=1, dtype="float32"),
+        links=dict(TRAINING_CHAIN),
+    )
+
+
+RECIPES = {"tiny": tiny, "smoke": smoke}

@@ -77,9 +77,36 @@ def rlhf_tiny() -> RLHFConfig:
     return cfg
 
 
-RECIPES = {
-    "sft": {"tiny": sft_tiny, "tiny_lora": sft_lora_tiny},
-    "dpo": {"tiny": dpo_tiny},
-    "rm": {"tiny": rm_tiny},
-    "rlhf": {"tiny": rlhf_tiny},
-}
+def _smoke(cfg, steps: int):
+    """A tiny recipe cut to a few steps for CI, one process (one GPU, or the CPU): the same
+    recipe on both, and on the CPU a reference loss curve under tests/assets/losses/."""
+    cfg.run_dir = cfg.run_dir.replace(DEMO, "runs/smoke")
+    cfg.train.steps = steps
+    cfg.train.eval_interval = steps if cfg.data.valid else 0
+    cfg.schedule.warmup_steps = 1
+    cfg.logging.log_interval = 1
+    return cfg
+
+
+def sft_smoke() -> SFTConfig:
+    cfg = _smoke(sft_tiny(), steps=8)
+    cfg.train.micro_batch_size = 1  # packed sequences go one per microbatch on GPU (THD)
+    return cfg
+
+
+def dpo_smoke() -> DPOConfig:
+    return _smoke(dpo_tiny(), steps=6)
+
+
+def rm_smoke() -> RMConfig:
+    return _smoke(rm_tiny(), steps=6)
+
+
+def rlhf_smoke() -> RLHFConfig:
+    return _smoke(rlhf_tiny(), steps=3)
+
+
+SFT = {"tiny": sft_tiny, "tiny_lora": sft_lora_tiny, "smoke": sft_smoke}
+DPO = {"tiny": dpo_tiny, "smoke": dpo_smoke}
+RM = {"tiny": rm_tiny, "smoke": rm_smoke}
+RLHF = {"tiny": rlhf_tiny, "smoke": rlhf_smoke}

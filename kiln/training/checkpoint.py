@@ -1,10 +1,7 @@
 """Checkpoints as megatron-core dist_checkpointing (torch_dist) directories.
 
-Layout of a checkpoint directory:
-
-    <dir>/iter_0000010/   one torch_dist checkpoint: model, optimizer, scheduler,
-                          per-rank RNG states and the kiln training state
-    <dir>/latest          the name of the newest complete checkpoint, written last
+The layout (`iter_N/`, `latest`) is kiln.artifact's. Each checkpoint holds the model, the
+optimizer, the scheduler, per-rank RNG states and the kiln training state.
 
 A checkpoint is written to `iter_N.tmp`, renamed when every rank has finished,
 and only then named by `latest`, so a crash mid-save never leaves a checkpoint
@@ -16,54 +13,25 @@ from __future__ import annotations
 
 import random
 import shutil
+import uuid
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kiln.artifact import atomic_write_text
+from kiln import artifact
+from kiln.errors import CheckpointError
 
-LATEST = "latest"
+# the layout is kiln.artifact's; these are the names the training code calls it by
+name = artifact.checkpoint_name
+latest = artifact.latest_checkpoint
+resolve = artifact.resolve_checkpoint
+
 # The distributed optimizer's state is saved DP-reshardable: megatron-core 0.16.1's
 # fully_reshardable loader fails on torch Adam's per-parameter `step` (KeyError) when
 # TransformerEngine/Apex are absent. Model weights reshard to any TP/PP/DP either way.
 DIST_OPTIMIZER_FORMAT = "dp_reshardable"
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def name(step: int) -> str:
-    return f"iter_{step:07d}"
-
-
-def latest(ckpt_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint named by the `latest` marker, or None."""
-    marker = Path(ckpt_dir) / LATEST
-    if not marker.exists():
-        return None
-    path = Path(ckpt_dir) / marker.read_text().strip()
-    if not (path / "metadata.json").exists():
-        raise CheckpointError(
-            f"{marker} names {path.name}, which is not a complete checkpoint; remove the marker "
-            f"to start fresh, or point it at an existing iter_* directory"
-        )
-    return path
-
-
-def resolve(path: str | Path) -> Path:
-    """A checkpoint directory, or a run's checkpoint root (then its latest checkpoint)."""
-    path = Path(path)
-    if (path / "metadata.json").exists():
-        return path
-    found = latest(path)
-    if found is None:
-        raise CheckpointError(
-            f"{path} is neither a checkpoint (no metadata.json) nor a directory with a `latest` marker"
-        )
-    return found
 
 
 def _model_state(chunks, skip=None) -> dict:
@@ -190,62 +158,140 @@ def save(ckpt_dir: str | Path, step: int, chunks, optimizer, scheduler, state: d
     model tensors out (LoRA: the frozen base)."""
     from megatron.core import dist_checkpointing
 
-    ckpt_dir = Path(ckpt_dir)
-    final = ckpt_dir / name(step)
-    tmp = ckpt_dir / f"{name(step)}.tmp"
-    rank = torch.distributed.get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    torch.distributed.barrier()
+    save_id = _save_id()
 
-    sharded = _model_state(chunks, skip)
-    sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_optimizer_metadata())
-    sharded["scheduler"] = scheduler.state_dict()
-    sharded["kiln_rng_state"] = _rng_sharded(_rng_state())
-    sharded["kiln"] = {
-        **state, "step": step, "layout": _layout(), "adam_steps": _adam_steps(optimizer),
-        "distributed_optimizer": _is_distributed(optimizer),
-    }
-    dist_checkpointing.save(sharded, str(tmp), content_metadata=_optimizer_metadata())
-    torch.distributed.barrier()
+    def write(tmp: Path) -> None:
+        sharded = _model_state(chunks, skip)
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_optimizer_metadata())
+        sharded["scheduler"] = scheduler.state_dict()
+        sharded["kiln_rng_state"] = _rng_sharded(_rng_state())
+        sharded["kiln"] = {
+            **state, "step": step, "layout": _layout(), "adam_steps": _adam_steps(optimizer),
+            "distributed_optimizer": _is_distributed(optimizer), "save_id": save_id,
+        }
+        dist_checkpointing.save(sharded, str(tmp), content_metadata=_optimizer_metadata())
 
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        atomic_write_text(ckpt_dir / LATEST, final.name + "\n")
-        if keep_last:
-            _prune(ckpt_dir, keep_last)
-    torch.distributed.barrier()
-    return final
-
-
-def _prune(ckpt_dir: Path, keep_last: int) -> None:
-    done = sorted(p for p in ckpt_dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    return _commit(Path(ckpt_dir), step, write, _estimate_bytes(chunks, optimizer), keep_last)
 
 
 def save_weights(ckpt_dir: str | Path, step: int, chunks, state: dict, skip=None) -> Path:
     """Collective: a weights-only checkpoint (what `checkpoint.load_weights` and conversion read)."""
     from megatron.core import dist_checkpointing
 
-    final = Path(ckpt_dir) / name(step)
-    tmp = Path(ckpt_dir) / f"{name(step)}.tmp"
-    if torch.distributed.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    torch.distributed.barrier()
-    sharded = _model_state(chunks, skip)
-    sharded["kiln"] = {**state, "step": step, "layout": _layout()}
-    dist_checkpointing.save(sharded, str(tmp))
-    torch.distributed.barrier()
-    if torch.distributed.get_rank() == 0:
+    save_id = _save_id()
+
+    def write(tmp: Path) -> None:
+        sharded = _model_state(chunks, skip)
+        sharded["kiln"] = {**state, "step": step, "layout": _layout(), "save_id": save_id}
+        dist_checkpointing.save(sharded, str(tmp))
+
+    return _commit(Path(ckpt_dir), step, write, _estimate_bytes(chunks, None), None)
+
+
+def _commit(ckpt_dir: Path, step: int, write, estimate: int, keep_last: int | None) -> Path:
+    """Write a checkpoint into its partial directory, rename it, then mark it latest. Partial
+    saves left by a crash are removed first (they hold space a resume needs); a save that does
+    not fit the free space, or fails while writing, is one CheckpointError on every rank that
+    names the space and the checkpoint that is still good, with its partial directory gone."""
+    final, tmp = ckpt_dir / name(step), ckpt_dir / artifact.partial_name(step)
+    rank = torch.distributed.get_rank()
+    problem = ""
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_dir.glob("iter_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        needed = max(estimate, _size(_latest_or_none(ckpt_dir)))
+        free = shutil.disk_usage(ckpt_dir).free
+        if needed > free:
+            problem = _no_space(ckpt_dir, step, needed, free, "before writing")
+        else:
+            tmp.mkdir(parents=True)
+    problem = _agree(problem)
+    if not problem:
+        try:
+            write(tmp)
+        except Exception as exc:  # noqa: BLE001 -- a failed write on any rank fails the save on all
+            problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        problem = _agree(problem)
+    if problem:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not problem.startswith("cannot save"):
+            free = shutil.disk_usage(ckpt_dir).free if ckpt_dir.exists() else 0
+            problem = _no_space(ckpt_dir, step, estimate, free, f"while writing ({problem})")
+        raise CheckpointError(problem)
+    if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        atomic_write_text(Path(ckpt_dir) / LATEST, final.name + "\n")
+        artifact.mark_latest(ckpt_dir, final.name)
+        if keep_last:
+            _prune(ckpt_dir, keep_last)
     torch.distributed.barrier()
     return final
+
+
+def _save_id() -> str:
+    """One id per save, the same on every rank: what tells two checkpoints of the same step apart
+    (kiln.artifact.digest reads it from common.pt instead of hashing every shard)."""
+    ids = [uuid.uuid4().hex]
+    torch.distributed.broadcast_object_list(ids, src=0)
+    return ids[0]
+
+
+def loaded_checkpoints(*paths: str | None) -> list[str]:
+    """The checkpoint directories a run reads weights from, resolved to their iter_* directory:
+    inputs of its manifest, so a pipeline sees when an upstream checkpoint changed."""
+    return [str(resolve(p)) for p in paths if p]
+
+
+def _agree(problem: str) -> str:
+    """The first rank's problem, on every rank ('' when no rank has one)."""
+    problems = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(problems, problem)
+    return next((p for p in problems if p), "")
+
+
+def _no_space(ckpt_dir: Path, step: int, needed: int, free: int, when: str) -> str:
+    good = _latest_or_none(ckpt_dir)
+    still = f"{good} is still the last good checkpoint" if good else "no checkpoint of this run was written yet"
+    return (f"cannot save step {step} to {ckpt_dir} {when}: it needs about {needed / 2**20:.1f} MiB and the file "
+            f"system has {free / 2**20:.1f} MiB free; {still}. Free space, or set checkpoint.dir elsewhere or a "
+            f"lower checkpoint.keep_last, then resume")
+
+
+def _latest_or_none(ckpt_dir: Path) -> Path | None:
+    try:
+        return latest(ckpt_dir)
+    except CheckpointError:
+        return None
+
+
+def _size(path: Path | None) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path else 0
+
+
+def _estimate_bytes(chunks, optimizer) -> int:
+    """Bytes a save writes: the weights once (DP replicas are saved by one rank), and with an
+    optimizer Adam's two fp32 moments, plus fp32 master weights for bf16/fp16 parameters."""
+    from megatron.core import parallel_state as ps
+
+    total = 0
+    if ps.get_data_parallel_rank() == 0:
+        for chunk in chunks:
+            for p in chunk.parameters():
+                if optimizer is not None and not p.requires_grad:
+                    continue
+                extra = (8 + (4 if p.dtype != torch.float32 else 0)) if optimizer is not None else 0
+                total += p.numel() * (p.element_size() + extra)
+    count = torch.tensor([total], dtype=torch.float64)
+    torch.distributed.all_reduce(count)
+    return int(count.item())
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    done = sorted(p for p in ckpt_dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load(path: str | Path, chunks, optimizer=None, scheduler=None, fresh=None) -> dict:
@@ -284,10 +330,13 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, fresh=None) -
             )
         if same_layout:
             template["kiln_rng_state"] = _rng_sharded(None)
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
     try:
-        loaded = dist_checkpointing.load(template, str(path))
+        loaded, _, absent = dist_checkpointing.load(template, str(path), strict=StrictHandling.RETURN_ALL)
     except (KeyError, RuntimeError, FileNotFoundError, AssertionError) as exc:
         raise CheckpointError(f"cannot load {path}: {type(exc).__name__}: {exc}") from exc
+    _accept_absent_extra_state(path, template, loaded, absent)
 
     # `fresh` tensors (new adapters or heads) keep their initialisation
     for i, chunk in enumerate(chunks):
@@ -308,6 +357,28 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, fresh=None) -
     return kiln_state
 
 
+def _accept_absent_extra_state(path: Path, template: dict, loaded: dict, absent: set) -> None:
+    """A checkpoint may lack `_extra_state` objects this model has: one saved with the local spec
+    (CPU) or converted, loaded into TransformerEngine layers, whose norms carry extra state (FP8
+    metadata) the local spec never writes. Those, and only those, load as None, which TE's
+    set_extra_state accepts as "nothing saved"; any other absent tensor is an error."""
+    missing = sorted(k for k in absent if not k.endswith("_extra_state"))
+    if missing:
+        raise CheckpointError(f"{path} lacks {len(missing)} tensor(s) this model needs: "
+                              f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    for name, part in template.items():
+        if name.startswith("model"):
+            _fill_none(part, loaded.setdefault(name, {}), set(absent))
+
+
+def _fill_none(template: dict, loaded: dict, absent: set) -> None:
+    for name, value in template.items():
+        if isinstance(value, dict):
+            _fill_none(value, loaded.setdefault(name, {}), absent)
+        elif getattr(value, "key", None) in absent:
+            loaded[name] = None
+
+
 def _check_vocab_rows(path: Path, chunks) -> None:
     """Refuse weights whose padded vocabulary differs from this model's: megatron-core would load
     the overlap and leave the other rows at their random initialisation, and those rows still
@@ -316,7 +387,9 @@ def _check_vocab_rows(path: Path, chunks) -> None:
     from megatron.core import parallel_state as ps
 
     saved = dist_checkpointing.load_tensors_metadata(str(path)).get("embedding.word_embeddings.weight")
-    padded, tp = getattr(chunks[0].module, "vocab_size", None), ps.get_tensor_model_parallel_world_size()
+    from kiln.training.model import gpt_of
+
+    padded, tp = getattr(gpt_of(chunks[0]), "vocab_size", None), ps.get_tensor_model_parallel_world_size()
     if saved is None or padded is None or saved.global_shape[0] == padded:
         return
     rows = saved.global_shape[0]

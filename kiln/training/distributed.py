@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
-import subprocess
+import re
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
+import kiln
 from kiln.config import ParallelConfig
+from kiln.errors import LaunchError
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ def process_env() -> ProcessEnv:
             rank=int(env["SLURM_PROCID"]),
             world_size=int(env["SLURM_NTASKS"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
-            master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "")),
+            master_addr=env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "")),
             master_port=int(env.get("MASTER_PORT") or _slurm_port(env)),
         )
     return ProcessEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)))
@@ -58,16 +61,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _first_slurm_host(nodelist: str) -> str:
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm hostlist (`node[001-008,010],gpu7` -> `node001`), expanded here:
+    inside a container there is no `scontrol show hostnames`. kiln's batch scripts export
+    MASTER_ADDR (the batch host's `$head_node`), so this is only the fallback."""
     if not nodelist:
         return "127.0.0.1"
-    try:
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
-        ).stdout.split()
-        return out[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return nodelist.split(",")[0].split("[")[0]
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first entry: up to a comma outside brackets
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            end = i
+            break
+    # each bracket group contributes its first value, zero padding kept
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], nodelist[:end])
+
+
+def require_megatron_core() -> None:
+    """The megatron-core this process imports is the one kiln is tested with. NGC NeMo images
+    carry their own (25.11: 0.15 from source on PYTHONPATH), and package metadata can name
+    another version than the module Python actually imports, so the imported module is asked."""
+    import megatron.core
+    from megatron.core.package_info import __version__
+
+    if __version__ != kiln.MEGATRON_CORE:
+        raise LaunchError(
+            f"this environment imports megatron-core {__version__} from {Path(megatron.core.__file__).parent}; "
+            f"kiln needs {kiln.MEGATRON_CORE}: run in the kiln image (docker/README.md) or "
+            f"pip install megatron-core=={kiln.MEGATRON_CORE}"
+        )
 
 
 def init_process_group(penv: ProcessEnv, timeout_minutes: int = 30) -> torch.device:

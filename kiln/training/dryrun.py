@@ -9,7 +9,6 @@ from kiln.config import PretrainConfig
 from kiln.training import memory
 from kiln.training.layers import transformer_engine_available
 from kiln.training.model import resolve_precision
-from kiln.training.validate import validate
 
 
 def layout(cfg: PretrainConfig, world_size: int) -> dict:
@@ -28,7 +27,7 @@ def layout(cfg: PretrainConfig, world_size: int) -> dict:
 
 
 def describe(cfg: PretrainConfig, world_size: int) -> str:
-    validate(cfg, world_size)
+    """For a config the launcher has validated."""
     import torch
 
     derived = layout(cfg, world_size)

@@ -60,7 +60,7 @@ class StepRunner:
         self.metrics.check(step + 1, result["loss"], result["grad_norm"])
         record = {**{k: result[k] for k in self.task.report_names}, "lr": result["lr"],
                   "grad_norm": result["grad_norm"], "tokens_per_s": self.task.tokens_per_step / seconds,
-                  "s_per_step": seconds}
+                  "s_per_step": seconds, **({"skipped": 1} if "skipped" in result else {})}
         if self.device.type == "cuda":
             record["tflops_per_gpu"] = self.flops * self.task.tokens_per_step / seconds / self.world / 1e12
         if t.eval_interval and self.task.valid_batches and (step + 1) % t.eval_interval == 0:
@@ -91,6 +91,14 @@ def save(cfg, engine, step: int, task: Task) -> None:
                   companion.scheduler, state, cfg.checkpoint.keep_last)
     ckpt.save(cfg.checkpoint_dir, step, engine.chunks, engine.optimizer, engine.scheduler, state,
               cfg.checkpoint.keep_last, skip=_base_keys(task))
+
+
+def manifest_inputs(cfg, *extra_checkpoints: str | None) -> list[str]:
+    """What a fine-tuning run read, for its manifest: its data, its tokenizer and every
+    checkpoint it loaded (starting weights, DPO's reference, RLHF's reward model)."""
+    d = cfg.data
+    files = [d.train, *([d.valid] if d.valid else []), os.path.join(d.tokenizer, "tokenizer.json")]
+    return files + ckpt.loaded_checkpoints(cfg.checkpoint.load_weights, *extra_checkpoints)
 
 
 def _base_keys(task: Task):

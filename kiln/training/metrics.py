@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from collections import deque
 from pathlib import Path
 
+from kiln.bootstrap import interactive
 from kiln.config import LoggingConfig, ModelConfig
+from kiln.errors import Divergence
 
 log = logging.getLogger("kiln.train")
 
@@ -23,10 +24,6 @@ def flops_per_token(model: ModelConfig, seq_length: int, vocab: int) -> float:
     per_layer = 2 * h * (q + kv) + 2 * q * h + 2 * h * mlp_in + 2 * ffn * h
     attention = 2 * 2 * seq_length * q  # scores and weighted values, full (not causal-halved)
     return 3 * (layers * (per_layer + attention) + 2 * h * vocab)
-
-
-class Divergence(RuntimeError):
-    """A NaN or Inf loss or gradient norm: the run stops and keeps its last good checkpoint."""
 
 
 class MetricsLogger:
@@ -45,7 +42,7 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        show_bar = sys.stdout.isatty() if cfg.progress_bar is None else cfg.progress_bar
+        show_bar = interactive() if cfg.progress_bar is None else cfg.progress_bar
         if show_bar:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from kiln.artifact import write_manifest
-from kiln.config import ConfigError, PretrainConfig
+from kiln.config import PretrainConfig
 from kiln.data import gpt_dataset
 from kiln.training import loop
 from kiln.training.distributed import (
@@ -22,23 +22,19 @@ from kiln.training.distributed import (
     init_model_parallel,
     init_process_group,
     process_env,
+    require_megatron_core,
 )
 from kiln.training.engine import build_engine, lm_forward_step
 from kiln.training.validate import validate
 
 
 def resolve(cfg: PretrainConfig) -> PretrainConfig:
-    """A copy with what can be derived filled in (today: the vocab size from the tokenizer)."""
+    """A copy with what can be derived filled in (today: the vocab size from the tokenizer, when
+    it exists; validation names a missing one)."""
     cfg = copy.deepcopy(cfg)
-    if cfg.model.vocab_size is None and cfg.data.tokenizer:
+    if cfg.model.vocab_size is None and cfg.data.tokenizer and (Path(cfg.data.tokenizer) / "tokenizer.json").exists():
         from kiln.data.tokenizer import vocab_size
 
-        if not (Path(cfg.data.tokenizer) / "tokenizer.json").exists():
-            raise ConfigError(
-                f"data.tokenizer={cfg.data.tokenizer} holds no tokenizer.json: run `kiln prepare` first "
-                f"(for the tiny recipe: `make demo`, or kiln prepare --input data/demo/corpus.jsonl "
-                f"--output runs/demo/data), or point data.tokenizer at a tokenizer directory"
-            )
         cfg.model.vocab_size = vocab_size(cfg.data.tokenizer)
     return cfg
 
@@ -71,6 +67,7 @@ def run_ranks(cfg, body) -> dict:
     request = copy.deepcopy(cfg)
     cfg = resolve(cfg)
     validate(cfg, penv.world_size)
+    require_megatron_core()
     if not torch.cuda.is_available():
         from kiln.training import cpu
 
@@ -119,4 +116,6 @@ def _input_files(cfg: PretrainConfig) -> list[str]:
         files += [p + suffix for p in prefixes for suffix in (".bin", ".idx")]
     if cfg.data.tokenizer:
         files.append(os.path.join(cfg.data.tokenizer, "tokenizer.json"))
-    return files
+    from kiln.training.checkpoint import loaded_checkpoints
+
+    return files + loaded_checkpoints(cfg.checkpoint.load_weights)

@@ -1,170 +1,216 @@
-"""Checks a resolved training config before any process group or tensor exists.
+"""Checks a training config before any process group or tensor exists.
 
-Every rule raises ConfigError naming the field, the values and a fix, so a bad
-layout fails in the submitting shell instead of minutes into a cluster job.
+Every rule names the field, the values and a fix, and every broken rule is reported at once,
+so a bad layout fails in the submitting shell instead of minutes into a cluster job. The
+launcher runs these (they are the training stages' registered validators); each rank runs
+them again on the config it received.
 """
 
 from __future__ import annotations
 
-from kiln.config import ChatDataConfig, ConfigError, PretrainConfig
+from pathlib import Path
+
+from kiln.config import ChatDataConfig, PretrainConfig
+from kiln.training.shapes import check_weights
+from kiln.validation import Check, Problems, check_output_dir, check_ranges
 
 
 def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
-def validate(cfg: PretrainConfig, world_size: int) -> None:
-    """Raise ConfigError for the first rule `cfg` breaks on `world_size` processes."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    for name, value in [
-        ("parallel.tp", p.tp), ("parallel.pp", p.pp), ("model.num_layers", m.num_layers),
-        ("model.hidden_size", m.hidden_size), ("model.num_attention_heads", m.num_attention_heads),
-        ("train.micro_batch_size", t.micro_batch_size), ("train.global_batch_size", t.global_batch_size),
-        ("train.seq_length", t.seq_length), ("train.steps", t.steps),
-    ]:
-        if value < 1:
-            raise ConfigError(f"{name}={value} must be at least 1")
+def validate(cfg: PretrainConfig, check: Check | int) -> None:
+    """Raise one ConfigError listing every rule `cfg` breaks (`check`: a Check or a world size)."""
+    check = check if isinstance(check, Check) else Check(world_size=check)
+    problems = Problems()
+    rules(cfg, check, problems)
+    problems.raise_if_any("the training config")
 
+
+def rules(cfg: PretrainConfig, check: Check, problems: Problems) -> None:
+    before = len(problems.lines)
+    check_ranges(cfg, problems)
+    if len(problems.lines) > before:  # the layout rules below divide by these values
+        return
+    layout_rules(cfg, check.world_size, problems)
+    schedule_rules(cfg, problems)
+    check_output_dir("run_dir", cfg.run_dir, problems)
+    if isinstance(cfg.data, ChatDataConfig):
+        finetune_rules(cfg, check, problems)
+    else:
+        pretrain_data_rules(cfg, check, problems)
+    if cfg.checkpoint.load_weights:
+        m = cfg.model
+        padded = m.padded_vocab_size(cfg.parallel.tp) if m.vocab_size else None
+        check_weights("checkpoint.load_weights", cfg.checkpoint.load_weights, m, padded, check, problems)
+
+
+def layout_rules(cfg: PretrainConfig, world_size: int, problems: Problems) -> None:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
     if p.world_size is not None and p.world_size != world_size:
-        raise ConfigError(
+        problems.add(
             f"parallel.world_size={p.world_size} but {world_size} processes were launched: launch "
             f"{p.world_size} (--nproc, or nodes x tasks per node), or set parallel.world_size=null"
         )
     mp = p.tp * p.pp
-    if world_size % mp:
-        raise ConfigError(
+    divisible = world_size % mp == 0
+    if not divisible:
+        problems.add(
             f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
             f"{p.tp} x {p.pp} = {mp}: launch a multiple of {mp} processes "
             f"(--nproc, or tasks x nodes under Slurm), or change parallel.tp / parallel.pp"
         )
-    dp = world_size // mp
-
     if m.num_attention_heads % p.tp:
-        raise ConfigError(
+        problems.add(
             f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
             f"parallel.tp={p.tp}: pick a TP size among {_divisors(m.num_attention_heads)}"
         )
     if m.heads_kv % p.tp:
-        raise ConfigError(
+        problems.add(
             f"model.num_query_groups={m.heads_kv} (KV heads) is not divisible by parallel.tp={p.tp}: "
             f"pick a TP size among {_divisors(m.heads_kv)}"
         )
     if m.num_attention_heads % m.heads_kv:
-        raise ConfigError(
+        problems.add(
             f"model.num_attention_heads={m.num_attention_heads} is not a multiple of "
             f"model.num_query_groups={m.heads_kv}: each KV head must serve a whole group of query heads"
         )
     if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
-        raise ConfigError(
+        problems.add(
             f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
             f"{m.num_attention_heads}: change one, or set model.kv_channels (the head dim) explicitly"
         )
-
     stages = p.pp * (p.vpp or 1)
     if m.num_layers % stages:
-        raise ConfigError(
+        problems.add(
             f"model.num_layers={m.num_layers} is not divisible by parallel.pp x parallel.vpp = "
             f"{p.pp} x {p.vpp or 1} = {stages}: use a layer count that is a multiple of {stages}, "
             f"or another pipeline split"
         )
     if p.vpp is not None and p.pp < 2:
-        raise ConfigError(
+        problems.add(
             f"parallel.vpp={p.vpp} needs parallel.pp >= 2: interleaving splits a pipeline stage, "
             f"so unset parallel.vpp or raise parallel.pp"
         )
     if p.sequence_parallel and p.tp < 2:
-        raise ConfigError(
+        problems.add(
             "parallel.sequence_parallel=true needs parallel.tp >= 2: it splits activations across "
             "the TP group, so set parallel.tp or turn sequence_parallel off"
         )
     if p.sequence_parallel and t.seq_length % p.tp:
-        raise ConfigError(
+        problems.add(
             f"train.seq_length={t.seq_length} is not divisible by parallel.tp={p.tp}, which "
             f"sequence parallelism needs: use a multiple of {p.tp}"
         )
-
-    per_step = t.micro_batch_size * dp
-    if t.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by "
-            f"train.micro_batch_size x DP = {t.micro_batch_size} x {dp} = {per_step}: "
-            f"set it to a multiple of {per_step}, e.g. {per_step * max(1, t.global_batch_size // per_step)}"
-        )
-    microbatches = t.global_batch_size // per_step
-    if p.vpp is not None and microbatches % p.pp:
-        raise ConfigError(
-            f"{microbatches} microbatches per step is not a multiple of parallel.pp={p.pp}, "
-            f"which the interleaved schedule (parallel.vpp) needs: raise train.global_batch_size"
-        )
-
+    if divisible:
+        dp = world_size // mp
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size % per_step:
+            problems.add(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                f"train.micro_batch_size x DP = {t.micro_batch_size} x {dp} = {per_step}: "
+                f"set it to a multiple of {per_step}, e.g. {per_step * max(1, t.global_batch_size // per_step)}"
+            )
+        microbatches = t.global_batch_size // per_step
+        if p.vpp is not None and microbatches % p.pp:
+            problems.add(
+                f"{microbatches} microbatches per step is not a multiple of parallel.pp={p.pp}, "
+                f"which the interleaved schedule (parallel.vpp) needs: raise train.global_batch_size"
+            )
     if t.seq_length > m.max_position_embeddings:
-        raise ConfigError(
+        problems.add(
             f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings="
             f"{m.max_position_embeddings}: shorten train.seq_length or raise "
             f"model.max_position_embeddings"
         )
-
-    if m.vocab_size is None:
-        raise ConfigError(
-            "model.vocab_size is unset and no tokenizer gives it: set data.tokenizer to a tokenizer "
-            "directory, or set model.vocab_size"
-        )
-    if m.make_vocab_size_divisible_by < 1 or m.make_vocab_size_divisible_by % 128:
-        raise ConfigError(
+    if m.make_vocab_size_divisible_by % 128:
+        problems.add(
             f"model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} must be a positive "
             f"multiple of 128, so each TP shard of the embedding stays aligned: use 128"
         )
+    if t.precision == "fp16" and not _cuda():
+        problems.add("train.precision=fp16 needs a GPU: use fp32 (or auto) on CPU")
 
-    s = cfg.schedule
+
+def schedule_rules(cfg: PretrainConfig, problems: Problems) -> None:
+    s, t, o = cfg.schedule, cfg.train, cfg.optimizer
     decay = s.decay_steps or t.steps
     if s.warmup_steps >= decay and s.style != "constant":
-        raise ConfigError(
+        problems.add(
             f"schedule.warmup_steps={s.warmup_steps} must be below the decay length {decay} "
             f"(schedule.decay_steps, or train.steps when unset): shorten the warmup or train longer"
         )
     if s.style == "wsd" and s.wsd_decay_steps is not None and s.wsd_decay_steps > decay - s.warmup_steps:
-        raise ConfigError(
+        problems.add(
             f"schedule.wsd_decay_steps={s.wsd_decay_steps} is longer than the steps after warmup "
             f"({decay - s.warmup_steps}): shorten it"
         )
-    if t.eval_interval and t.eval_steps < 1:
-        raise ConfigError("train.eval_steps must be at least 1 when train.eval_interval is set")
+    if o.min_lr > o.lr:
+        problems.add(f"optimizer.min_lr={o.min_lr} is above optimizer.lr={o.lr}: the schedule decays from lr to "
+                     f"min_lr, so lower min_lr")
 
-    if t.precision == "fp16" and not _cuda():
-        raise ConfigError("train.precision=fp16 needs a GPU: use fp32 (or auto) on CPU")
-    if isinstance(cfg.data, ChatDataConfig):
-        _validate_finetune(cfg)
-    elif not cfg.data.mock and not cfg.data.blend:
-        raise ConfigError(
+
+def pretrain_data_rules(cfg: PretrainConfig, check: Check, problems: Problems) -> None:
+    d = cfg.data
+    if d.mock:
+        if cfg.model.vocab_size is None:
+            problems.add("data.mock=true needs model.vocab_size: there is no tokenizer to read it from")
+        return
+    if not d.blend:
+        problems.add(
             "data.blend is empty: give an indexed dataset prefix (the path without .bin/.idx), "
             "e.g. data.blend=[data/corpus_text_document], made by `kiln prepare`"
         )
+    prefixes = d.blend if len(d.blend) == 1 else d.blend[1::2]
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            if not check.will_exist(f"{prefix}{suffix}"):
+                check.missing(problems,
+                              f"data.blend: {prefix}{suffix} does not exist: run `kiln prepare` to make it, or "
+                             f"correct the prefix (the path without .bin/.idx)")
+                break
+    _vocab_rule(cfg, check, d.tokenizer, problems)
 
 
-def _validate_finetune(cfg) -> None:
-    from pathlib import Path
+def _vocab_rule(cfg, check: Check, tokenizer: str | None, problems: Problems) -> None:
+    if cfg.model.vocab_size is not None:
+        return
+    if tokenizer and check.will_exist(tokenizer) and not Path(tokenizer).exists():
+        return  # an earlier stage of this pipeline writes it; the rank reads the size from it
+    if not tokenizer:
+        problems.add("model.vocab_size is unset and no tokenizer gives it: set data.tokenizer to a tokenizer "
+                     "directory, or set model.vocab_size")
+    elif check.files != "skip" and not (Path(tokenizer) / "tokenizer.json").exists():
+        problems.add(  # even a dry run needs the vocabulary to lay the model out
+            f"data.tokenizer={tokenizer} holds no tokenizer.json: run `kiln prepare` first "
+            f"(for the tiny recipe: `make demo`, or kiln prepare --input data/demo/corpus.jsonl "
+            f"--output runs/demo/data), or point data.tokenizer at a tokenizer directory"
+        )
 
+
+def finetune_rules(cfg, check: Check, problems: Problems) -> None:
     from kiln.data.chat import BUILTIN
 
     d = cfg.data
     for name in ("train", "valid"):
         path = getattr(d, name)
-        if (name == "train" or path) and not Path(path or "").is_file():
-            raise ConfigError(f"data.{name}={path!r} is not a file: give a JSONL file (see README, Post-training)")
+        if (name == "train" or path) and not (Path(path or "").is_file() or (path and check.will_exist(path))):
+            check.missing(problems,
+                          f"data.{name}={path!r} is not a file: give a JSONL file (see README, Post-training)")
     if not d.tokenizer:
-        raise ConfigError("data.tokenizer is unset: give the tokenizer directory of the model being tuned")
+        problems.add("data.tokenizer is unset: give the tokenizer directory of the model being tuned")
+    else:
+        _vocab_rule(cfg, check, d.tokenizer, problems)
     if d.chat_template not in (*BUILTIN, "tokenizer"):
-        raise ConfigError(f"data.chat_template={d.chat_template!r}: use 'tokenizer' or one of {', '.join(BUILTIN)}")
+        problems.add(f"data.chat_template={d.chat_template!r}: use 'tokenizer' or one of {', '.join(BUILTIN)}")
     lora = getattr(cfg, "lora", None)
     adapted = lora is not None and lora.enabled
     if cfg.parallel.sequence_parallel and (adapted or type(cfg).__name__ in ("RMConfig", "RLHFConfig")):
-        raise ConfigError("parallel.sequence_parallel is not supported with LoRA, reward or value heads: "
-                          "set parallel.sequence_parallel=false")
-    if adapted and (lora.rank < 1 or lora.alpha <= 0):
-        raise ConfigError(f"lora.rank={lora.rank}, lora.alpha={lora.alpha}: both must be positive")
+        problems.add("parallel.sequence_parallel is not supported with LoRA, reward or value heads: "
+                     "set parallel.sequence_parallel=false")
     if d.packing and _cuda() and cfg.train.micro_batch_size != 1 and type(cfg).__name__ == "SFTConfig":
-        raise ConfigError("data.packing on GPU uses THD packed sequences, one per microbatch: set "
-                          "train.micro_batch_size=1 and raise global_batch_size instead")
+        problems.add("data.packing on GPU uses THD packed sequences, one per microbatch: set "
+                     "train.micro_batch_size=1 and raise global_batch_size instead")
 
 
 def _cuda() -> bool:

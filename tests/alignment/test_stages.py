@@ -12,6 +12,8 @@ import torch
 
 from tests.conftest import ROOT, free_port, read_metrics, tiny_overrides
 
+pytestmark = pytest.mark.slow  # launches processes (make test-fast skips it)
+
 TP2 = ["parallel.tp=2"]  # the tiny model pads its vocabulary to the same rows at TP 1 and 2
 
 

@@ -9,11 +9,12 @@ import tarfile
 
 import pytest
 
-from kiln.config import ConfigError, ConvertConfig
+from kiln.config import ConvertConfig
 from kiln.conversion.convert import convert
 from kiln.conversion.hf import HFFormatError
 from kiln.conversion.megatron import MegatronFormatError
 from kiln.conversion.nemo import NemoFormatError
+from kiln.errors import ConfigError
 from tests.conversion.models import build
 
 

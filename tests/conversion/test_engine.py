@@ -15,6 +15,8 @@ from kiln.export.trtllm import export
 from tests.conftest import launch, read_metrics, tiny_overrides
 from tests.conversion.models import build
 
+pytestmark = pytest.mark.slow  # launches processes (make test-fast skips it)
+
 
 @pytest.fixture(scope="module")
 def hf_tiny(demo_data, tmp_path_factory):

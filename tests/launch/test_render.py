@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kiln import overrides
-from kiln.config import ConfigError
+from kiln.errors import ConfigError
 from kiln.launch import submit
 from kiln.launch.config import LaunchConfig
 from kiln.launch.sites import load_site
@@ -23,6 +23,7 @@ SECRET = "hf_do_not_leak_0123456789"
 
 
 def normalize(text: str) -> str:
+    text = text.replace(str(Path(__file__).resolve().parents[2]), "<checkout>")  # where kiln's code is shipped from
     text = re.sub(r"(kiln-[a-z-]+)[_-]\d{10,}", r"\1_<id>", text)
     text = re.sub(r"\b(pretrain|prepare)-[a-z0-9]{12,}\b", r"\1-<job>", text)
     text = re.sub(r"'\d+'(\n\s+- --nnodes)", r"'<rdzv-id>'\1", text)
@@ -55,8 +56,16 @@ def test_llama3_70b_on_8_nodes_of_the_example_site(secret_env):
                  "export KILN_ON_PREEMPT=requeue"):
         assert line in text
     # explicit variables and secrets enter the container by name
-    assert "--container-env NCCL_IB_TIMEOUT,TORCH_NCCL_AVOID_RECORD_STREAMS,CUDA_DEVICE_MAX_CONNECTIONS," \
-           "KILN_ON_PREEMPT,HF_TOKEN,WANDB_API_KEY" in text
+    assert "--container-env MASTER_ADDR,NCCL_IB_TIMEOUT,TORCH_NCCL_AVOID_RECORD_STREAMS,CUDA_DEVICE_MAX_CONNECTIONS," \
+           "KILN_ON_PREEMPT,KILN_PREEMPT_DIR,HF_TOKEN,WANDB_API_KEY" in text
+    # decided on the batch host, outside the container: the rendezvous address, and the requeue after srun
+    head = text.index('head_node=${nodes_array[0]}')
+    assert head < text.index("export MASTER_ADDR=$head_node") < text.index("srun --output")
+    slurm_bin = 'export KILN_SLURM_BIN="$(dirname "$(command -v scontrol)")"'
+    assert text.index(slurm_bin) < text.index("trap kiln_after_job EXIT")
+    assert '"${KILN_SLURM_BIN:-/usr/bin}"/scontrol requeue "$SLURM_JOB_ID"' in text
+    assert "/pretrain/preempted_${SLURM_JOB_ID}_${SLURM_RESTART_COUNT:-0}" in text
+    assert "registry.example.com#myteam/kiln:0.1.0" in text  # the kiln image, not the stock NGC one
     check_golden("sbatch_llama3_70b_example_site.sh", normalize(text))
 
 
@@ -68,7 +77,7 @@ def test_docker_request(secret_env, tmp_path):
     text = submit.render("kiln-pretrain", [submit.Task("pretrain", cfg, 2)], launch)
     assert SECRET not in text
     assert "<secrets file written at launch>:/run/kiln/secrets.env:ro" in text
-    for line in ("container_image: nvcr.io/nvidia/nemo:25.11", "ipc_mode: host", "shm_size: 16g",
+    for line in ("container_image: kiln:0.1.0", "ipc_mode: host", "shm_size: 16g",
                  "- memlock:-1", "num_gpus: -1", "- /data:/data", "--nproc-per-node"):
         assert line in text
     assert not (tmp_path / "home" / "secrets").exists() or not any((tmp_path / "home" / "secrets").iterdir())
@@ -97,3 +106,4 @@ def test_launch_overrides_reach_the_script():
     text = submit.render("kiln-pretrain", [submit.Task("pretrain", cfg, 16)], launch)
     assert "#SBATCH --nodes=2" in text and "#SBATCH --no-requeue" in text
     assert "export KILN_ON_PREEMPT=resubmit" in text and "#SBATCH --time=00:30:00" in text
+    assert '/sbatch --parsable --dependency=afterany:"$SLURM_JOB_ID" "$script"' in text  # from the exit trap

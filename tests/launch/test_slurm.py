@@ -1,6 +1,10 @@
 """kiln's Slurm executor against a real single-node cluster (slurmctld + slurmd + munge on this
 machine, started by slurm/local-cluster.sh): jobs under srun, preemption and requeue, dependent
-stages, and the errors a user meets first."""
+stages, and the errors a user meets first.
+
+The tasks run as inside a pyxis container: Slurm's commands are shadowed on their PATH by stand-ins
+that fail. So rendezvous must come from the batch script (MASTER_ADDR), and the requeue from its
+exit trap on the batch host; a rank that called scontrol would fail the test."""
 
 from __future__ import annotations
 
@@ -20,10 +24,10 @@ from tests.conftest import ROOT, read_metrics, tiny_overrides
 CLUSTER = ROOT / "slurm" / "local-cluster.sh"
 STEPS = 24
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("slurmctld") or not shutil.which("munged"),
     reason="needs root and Debian's slurm-wlm and munge (.ci/run installs them)",
-)
+)]
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +44,27 @@ def cluster(tmp_path_factory):
     os.environ.pop("SLURM_CONF", None)
 
 
-def launch_config() -> LaunchConfig:
+SLURM_COMMANDS = ("scontrol", "sbatch", "squeue", "scancel", "sinfo", "sacct")
+
+
+@pytest.fixture(scope="module")
+def no_slurm_in_tasks(tmp_path_factory) -> Path:
+    """A directory of stand-ins for Slurm's commands that fail, as if absent."""
+    stubs = tmp_path_factory.mktemp("no-slurm")
+    for name in SLURM_COMMANDS:
+        message = f"{name}: not available inside the job's container"
+        (stubs / name).write_text(f'#!/bin/sh\necho "{message}" >&2\nexit 127\n')
+        (stubs / name).chmod(0o755)
+    return stubs
+
+
+def launch_config(no_slurm: Path) -> LaunchConfig:
     launch = LaunchConfig(executor="slurm")
     launch.slurm.partition = "debug"
     launch.slurm.tasks_per_node = 2
     launch.slurm.time = "00:20:00"
+    # after the batch script's own Slurm calls, before srun: the tasks inherit this PATH
+    launch.slurm.setup_lines = [f"export PATH={no_slurm}:$PATH"]
     return launch
 
 
@@ -59,11 +79,12 @@ def tiny_cfg(demo_data, run_dir, **extra):
 
 
 @pytest.fixture(scope="module")
-def straight(cluster, demo_data, tmp_path_factory):
+def straight(cluster, demo_data, tmp_path_factory, no_slurm_in_tasks):
     """An uninterrupted tiny run under srun: 2 tasks, torch.distributed from Slurm's variables."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    result = submit.submit("kiln-test", [submit.Task("pretrain", tiny_cfg(demo_data, run_dir), 2)],
-                           launch_config())
+    # progress_bar unset: kiln decides, and srun gives tasks a pseudo-terminal (SLURM_UNBUFFEREDIO)
+    cfg = tiny_cfg(demo_data, run_dir, logging__progress_bar="null")
+    result = submit.submit("kiln-test", [submit.Task("pretrain", cfg, 2)], launch_config(no_slurm_in_tasks))
     return result, run_dir
 
 
@@ -74,11 +95,13 @@ def test_pretrain_under_srun(straight):
     assert sorted(metrics) == list(range(1, STEPS + 1))
     log = next(result.experiment_dir.glob("pretrain/log-*.out")).read_text()
     assert "TP=2 PP=1 DP=1 on 2 cpu process(es)" in log  # torch.distributed from SLURM_PROCID/NTASKS
+    assert "not available inside the job's container" not in log  # no rank reached for a Slurm command
+    assert "\x1b[" not in log and "step     20 | loss" in log  # plain log lines, no progress bar
 
 
-def test_signal_checkpoints_requeues_and_resumes_exactly(straight, demo_data, tmp_path):
+def test_signal_checkpoints_requeues_and_resumes_exactly(straight, demo_data, tmp_path, no_slurm_in_tasks):
     preempted = tmp_path / "preempted"
-    launch = launch_config()
+    launch = launch_config(no_slurm_in_tasks)
     result = submit.submit("kiln-test", [submit.Task("pretrain", tiny_cfg(demo_data, preempted), 2)], launch,
                            detach=True)
     job = result.slurm_jobs["pretrain"]
@@ -94,6 +117,8 @@ def test_signal_checkpoints_requeues_and_resumes_exactly(straight, demo_data, tm
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     final = slurm.wait({"pretrain": job}, on_change=lambda _: None)
     assert final == {"pretrain": "COMPLETED"}, _logs(result.experiment_dir)
+    logs = _logs(result.experiment_dir)
+    assert "kiln: requeued job" in logs and "not available inside the job's container" not in logs, logs
     a, b = read_metrics(straight[1]), read_metrics(preempted)
     assert sorted(b) == list(range(1, STEPS + 1))
     assert all(a[s]["loss"] == b[s]["loss"] for s in a)
@@ -110,7 +135,7 @@ def _restarts(job: str) -> int:
     return int(out.split("Restarts=")[1].split()[0]) if "Restarts=" in out else 0
 
 
-def test_failing_stage_stops_its_dependants(cluster, demo_data, tmp_path):
+def test_failing_stage_stops_its_dependants(cluster, demo_data, tmp_path, no_slurm_in_tasks):
     from kiln.config import PrepareConfig
 
     bad = tmp_path / "bad.jsonl"
@@ -118,7 +143,7 @@ def test_failing_stage_stops_its_dependants(cluster, demo_data, tmp_path):
     prepare = PrepareConfig(inputs=[str(bad)], output_dir=str(tmp_path / "data"))
     pretrain = tiny_cfg(demo_data, tmp_path / "run")
     tasks = [submit.Task("prepare", prepare, 1), submit.Task("pretrain", pretrain, 2, after=["prepare"])]
-    result = submit.submit("kiln-test", tasks, launch_config())
+    result = submit.submit("kiln-test", tasks, launch_config(no_slurm_in_tasks))
     assert result.states["prepare"] == "FAILED"
     assert result.states["pretrain"] == "CANCELLED"  # afterok can never be satisfied
     assert not (tmp_path / "run").exists()
@@ -126,26 +151,26 @@ def test_failing_stage_stops_its_dependants(cluster, demo_data, tmp_path):
     assert "bad.jsonl:2: not valid JSON" in log
 
 
-def test_unknown_partition_is_named(cluster, demo_data, tmp_path):
-    launch = launch_config()
+def test_unknown_partition_is_named(cluster, demo_data, tmp_path, no_slurm_in_tasks):
+    launch = launch_config(no_slurm_in_tasks)
     launch.slurm.partition = "gpu-h100"
     with pytest.raises(slurm.SlurmError, match="launch.slurm.partition=gpu-h100 does not exist on this "
                                                "cluster; partitions: debug"):
         submit.submit("kiln-test", [submit.Task("pretrain", tiny_cfg(demo_data, tmp_path), 2)], launch)
 
 
-def test_unreachable_controller_is_named(cluster, demo_data, tmp_path, monkeypatch):
+def test_unreachable_controller_is_named(cluster, demo_data, tmp_path, monkeypatch, no_slurm_in_tasks):
     conf = Path(os.environ["SLURM_CONF"]).read_text().replace("SlurmctldPort=16817", "SlurmctldPort=16999")
     (tmp_path / "slurm.conf").write_text(conf)
     monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))
     with pytest.raises(slurm.SlurmError, match="cannot reach the Slurm controller"):
         submit.submit("kiln-test", [submit.Task("pretrain", tiny_cfg(demo_data, tmp_path / "r"), 2)],
-                      launch_config())
+                      launch_config(no_slurm_in_tasks))
 
 
-def test_without_requeue_a_dependent_copy_resumes(straight, demo_data, tmp_path):
+def test_without_requeue_a_dependent_copy_resumes(straight, demo_data, tmp_path, no_slurm_in_tasks):
     preempted = tmp_path / "preempted"
-    launch = launch_config()
+    launch = launch_config(no_slurm_in_tasks)
     launch.slurm.requeue = False
     result = submit.submit("kiln-test", [submit.Task("pretrain", tiny_cfg(demo_data, preempted), 2)], launch,
                            detach=True)

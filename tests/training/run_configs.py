@@ -8,7 +8,7 @@ import json
 import sys
 
 from kiln import overrides
-from kiln.cli import quiet_library_warnings
+from kiln.bootstrap import quiet_library_warnings
 from kiln.recipes.pretrain import RECIPES
 from kiln.training.pretrain import pretrain
 

@@ -7,6 +7,8 @@ import pytest
 
 from tests.conftest import launch, read_metrics, tiny_overrides
 
+pytestmark = pytest.mark.slow  # launches processes (make test-fast skips it)
+
 STEPS = 10
 TOLERANCE = 1e-5
 

@@ -10,8 +10,11 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from tests.conftest import launch, read_metrics, tiny_overrides
+
+pytestmark = pytest.mark.slow  # launches processes (make test-fast skips it)
 
 STEPS = 30
 

@@ -8,6 +8,8 @@ import torch
 
 from tests.conftest import launch, read_metrics, tiny_overrides
 
+pytestmark = pytest.mark.slow  # launches processes (make test-fast skips it)
+
 VARIANTS = {
     "tp2_adam": {"parallel.tp": "2"},
     "dp2_distopt": {"parallel.tp": "1", "optimizer.distributed": "true"},

@@ -35,15 +35,21 @@ nodes_array=($nodes)
 head_node=${nodes_array[0]}
 head_node_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address)
 
+export KILN_SLURM_BIN="$(dirname "$(command -v scontrol)")"
+export MASTER_ADDR=$head_node
 export NCCL_IB_TIMEOUT=22
 export TORCH_NCCL_AVOID_RECORD_STREAMS=1
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 export KILN_ON_PREEMPT=requeue
+export KILN_PREEMPT_DIR=/nemo_run
+# kiln: after srun, outside any container: requeue if rank 0 checkpointed for a preemption
+kiln_after_job() { rc=$?; if [ -f "/lustre/fsw/myteam/kiln/jobs/kiln-pretrain/kiln-pretrain_<id>/pretrain/preempted_${SLURM_JOB_ID}_${SLURM_RESTART_COUNT:-0}" ]; then "${KILN_SLURM_BIN:-/usr/bin}"/scontrol requeue "$SLURM_JOB_ID" && echo "kiln: requeued job $SLURM_JOB_ID"; fi; exit $rc; }
+trap kiln_after_job EXIT
 
 
 # Command 1
 
-srun --output /lustre/fsw/myteam/kiln/jobs/kiln-pretrain/kiln-pretrain_<id>/pretrain/log-kiln-pretrain_%j_${SLURM_RESTART_COUNT:-0}.out --container-image nvcr.io/nvidia/nemo:25.11 --container-mounts /lustre/fsw/myteam:/lustre/fsw/myteam,/lustre/fsw/myteam/kiln/jobs/kiln-pretrain/kiln-pretrain_<id>/pretrain:/nemo_run --container-workdir /nemo_run/code --container-env NCCL_IB_TIMEOUT,TORCH_NCCL_AVOID_RECORD_STREAMS,CUDA_DEVICE_MAX_CONNECTIONS,KILN_ON_PREEMPT,HF_TOKEN,WANDB_API_KEY --wait=60 --kill-on-bad-exit=1 python -m nemo_run.core.runners.fdl_runner -n pretrain /nemo_run/configs/pretrain_fn_or_script
+srun --output /lustre/fsw/myteam/kiln/jobs/kiln-pretrain/kiln-pretrain_<id>/pretrain/log-kiln-pretrain_%j_${SLURM_RESTART_COUNT:-0}.out --container-image registry.example.com#myteam/kiln:0.1.0 --container-mounts /lustre/fsw/myteam:/lustre/fsw/myteam,/lustre/fsw/myteam/kiln/jobs/kiln-pretrain/kiln-pretrain_<id>/pretrain:/nemo_run --container-workdir /nemo_run/code --container-env MASTER_ADDR,NCCL_IB_TIMEOUT,TORCH_NCCL_AVOID_RECORD_STREAMS,CUDA_DEVICE_MAX_CONNECTIONS,KILN_ON_PREEMPT,KILN_PREEMPT_DIR,HF_TOKEN,WANDB_API_KEY --wait=60 --kill-on-bad-exit=1 python -m nemo_run.core.runners.fdl_runner -n pretrain /nemo_run/configs/pretrain_fn_or_script
 
 exitcode=$?
 

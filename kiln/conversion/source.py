@@ -1,0 +1,214 @@
+"""Checkpoint formats as one view: megatron-core's global tensors, read from any source by
+(key, layer), and written to any format one layer of one tensor at a time.
+
+`open_source` reads an HF directory, a kiln Megatron checkpoint, a NeMo 2 directory or a
+.nemo archive; `megatron_chunks` and `write_hf` produce the other formats from it. The stage
+that uses them (`kiln convert`) is kiln.conversion.convert.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kiln import overrides
+from kiln.artifact import CHECKPOINTS, LATEST
+from kiln.config import ModelConfig
+from kiln.conversion import dcp, families, hf, megatron, nemo
+from kiln.conversion.mapping import Param
+from kiln.conversion.safetensors_io import Entry
+from kiln.errors import ConfigError
+from kiln.training.shapes import global_shapes
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Model:
+    """A source seen as megatron-core global tensors."""
+
+    config: ModelConfig
+    model_type: str  # HF model_type it came from or exports as
+    params: list[Param]
+    read: object  # (key, layer) -> tensor
+    shape: object  # key -> global shape
+    dtype: torch.dtype
+    tokenizer: str | None
+    describe: str
+
+
+def detect_format(path: Path) -> str:
+    if path.is_file() and path.suffix == ".nemo":
+        return "nemo"
+    if (path / "config.json").exists():
+        return "hf"
+    if (path / "context").is_dir() and (path / "weights").is_dir():
+        return "nemo2"
+    if (path / "metadata.json").exists() or (path / LATEST).exists() or (path / CHECKPOINTS).is_dir():
+        return "megatron"
+    raise ConfigError(f"{path}: not a Hugging Face directory (config.json), a kiln Megatron checkpoint "
+                      f"(metadata.json or checkpoints/latest), a NeMo 2 directory (context/, weights/) or a .nemo file")
+
+
+def open_hf(directory: Path, tp: int) -> Model:
+    cfg = hf.read_config(directory)
+    family = families.for_model_type(cfg.get("model_type"), f"{directory}/config.json")
+    m = family.model_config(cfg)
+    padded = m.padded_vocab_size(tp)
+    params = family.params(m, padded)
+    reader = hf.Reader(directory)
+    _check_hf_names(reader, params, m, directory, cfg)
+    by_key = {p.megatron: p for p in params}
+
+    def read(key, layer=None):
+        p = by_key[key]
+        return p.transform.to_megatron([reader.get(n) for n in p.hf_names(layer)])
+
+    shapes = _megatron_shapes(params, m, padded, lambda name: reader.shape(name), directory)
+    dtype = reader.dtype(params[0].hf_names(0)[0])
+    return Model(m, cfg["model_type"], params, read, shapes.__getitem__, dtype, str(directory), f"HF {directory}")
+
+
+def _check_hf_names(reader: hf.Reader, params: list[Param], m: ModelConfig, directory: Path, cfg: dict) -> None:
+    expected = {name for p in params for layer in range(m.num_layers) for name in p.hf_names(layer)}
+    present = reader.names()
+    missing = sorted(expected - present)
+    ignorable = {"lm_head.weight"} if m.tie_embeddings else set()
+    unexpected = sorted(n for n in present - expected - ignorable if not n.endswith("rotary_emb.inv_freq"))
+    if missing or unexpected:
+        raise hf.HFFormatError(
+            f"{directory}: the weights do not match config.json ({cfg.get('num_hidden_layers', cfg.get('n_layer'))} "
+            f"layers, model_type {cfg.get('model_type')}): missing {missing[:4] or 'none'}, unexpected "
+            f"{unexpected[:4] or 'none'}; fix config.json or point at the matching weights"
+        )
+
+
+def _megatron_shapes(params, m: ModelConfig, padded: int, hf_shape, source) -> dict:
+    """Each megatron key's global shape, checked by running the transforms on meta tensors."""
+    shapes = {}
+    for p in params:
+        names = p.hf_names(0)
+        try:
+            out = p.transform.to_megatron([torch.empty(hf_shape(n), device="meta") for n in names])
+        except (RuntimeError, ValueError) as exc:
+            raise hf.HFFormatError(f"{source}: {', '.join(names)} have shapes "
+                                   f"{[hf_shape(n) for n in names]} that do not fit config.json ({exc})") from None
+        shape = tuple(out.shape)
+        if p.per_layer:
+            for layer in range(1, m.num_layers):
+                for n0, n in zip(names, p.hf_names(layer), strict=True):
+                    if hf_shape(n) != hf_shape(n0):
+                        raise hf.HFFormatError(f"{source}: {n} has shape {hf_shape(n)}, layer 0 has {hf_shape(n0)}")
+            shape = (m.num_layers,) + shape
+        shapes[p.megatron] = shape
+    expected = global_shapes(m, padded)
+    for key, shape in shapes.items():
+        if key in expected and shape != expected[key]:
+            raise hf.HFFormatError(f"{source}: {key} would be {shape}, but config.json implies {expected[key]}; "
+                                   f"the weights do not match config.json")
+    return shapes
+
+
+def open_megatron(reader: dcp.Reader, common: dict, prefix: str, describe: str, tokenizer: str | None) -> Model:
+    state = common.get("kiln", {})
+    if "model" not in state:
+        raise megatron.MegatronFormatError(
+            f"{describe}: its common.pt records no model config (written by a kiln older than conversion, or by "
+            f"another tool); convert from a checkpoint written by `kiln pretrain` or `kiln convert`"
+        )
+    m = overrides.from_dict(ModelConfig, state["model"])
+    model_type = state.get("hf_model_type") or families.model_type_for(m)
+    family = families.for_model_type(model_type, describe)
+    padded = reader.shape(prefix + "embedding.word_embeddings.weight")[0]
+    params = family.params(m, padded)
+    expected = {prefix + p.megatron for p in params}
+    present = {k for k in reader.tensor_keys() if not k.startswith(prefix + "optimizer.") and
+               not k.startswith("optimizer.")}
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    if missing or unexpected:
+        raise megatron.MegatronFormatError(f"{describe}: tensors do not match its model config: missing "
+                                           f"{missing[:4] or 'none'}, unexpected {unexpected[:4] or 'none'}")
+
+    def read(key, layer=None):
+        return reader.read(prefix + key, layer)
+
+    shape = lambda key: reader.shape(prefix + key)  # noqa: E731
+    dtype = reader.dtype(prefix + params[0].megatron)
+    return Model(m, model_type, params, read, shape, dtype, tokenizer or state.get("tokenizer"), describe)
+
+
+def open_source(path: Path, tp: int, tokenizer: str | None) -> Model:
+    kind = detect_format(path)
+    if kind == "hf":
+        return open_hf(path, tp)
+    if kind == "megatron":
+        reader, common = megatron.open_checkpoint(path)
+        return open_megatron(reader, common, "", f"Megatron checkpoint {reader.path}", tokenizer)
+    if kind == "nemo2":
+        reader, common, tok = nemo.open_nemo2(path)
+        return open_megatron(reader, common, nemo.NEMO2_PREFIX, f"NeMo 2 checkpoint {path}", tokenizer or tok)
+    reader, common, tok = nemo.open_nemo_archive(path)
+    return open_megatron(reader, common, nemo.NEMO1_PREFIX, f".nemo archive {path}", tokenizer or tok)
+
+
+def megatron_chunks(model: Model, prefix: str, dtype: torch.dtype, progress) -> list[dcp.Chunk]:
+    chunks = []
+    for p in model.params:
+        shape = model.shape(p.megatron)
+        key = prefix + p.megatron
+
+        def produce(key=p.megatron, layer=None):
+            tensor = model.read(key, layer).to(dtype)
+            progress(tensor.numel() * tensor.element_size())
+            return tensor.unsqueeze(0) if layer is not None else tensor
+
+        if p.per_layer:
+            for layer in range(shape[0]):
+                chunks.append(dcp.Chunk(key, (layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:], shape, dtype,
+                                        lambda layer=layer, produce=produce: produce(layer=layer)))
+        else:
+            chunks.append(dcp.Chunk(key, (0,) * len(shape), shape, shape, dtype, produce))
+    return chunks + megatron.extra_state_chunks(model.config.num_layers, prefix)
+
+
+def common_state(model: Model, tokenizer: str | None) -> dict:
+    return {"kiln": {"step": 0, "model": overrides.to_dict(model.config), "hf_model_type": model.model_type,
+                     "tokenizer": tokenizer, "save_id": uuid.uuid4().hex}}
+
+
+def hf_entries(model: Model, dtype: torch.dtype) -> list[Entry]:
+    """The HF tensors a model becomes, in writing order, from shapes alone (meta tensors)."""
+    entries = []
+    for p in model.params:
+        shape = model.shape(p.megatron)
+        layers = range(shape[0]) if p.per_layer else [None]
+        for layer in layers:
+            meta = torch.empty(shape[1:] if p.per_layer else shape, device="meta")
+            for name, t in zip(p.hf_names(layer), p.transform.to_hf(meta), strict=True):
+                entries.append(Entry(name, tuple(t.shape), dtype))
+    return entries
+
+
+def write_hf(model: Model, out: Path, dtype: torch.dtype, max_shard_bytes: int, progress) -> None:
+    writer = hf.Writer(out, hf_entries(model, dtype), max_shard_bytes)
+    for p in model.params:
+        layers = range(model.config.num_layers) if p.per_layer else [None]
+        for layer in layers:
+            tensors = p.transform.to_hf(model.read(p.megatron, layer))
+            for name, tensor in zip(p.hf_names(layer), tensors, strict=True):
+                tensor = tensor.to(dtype)
+                writer.add(name, tensor)
+                progress(tensor.numel() * tensor.element_size())
+    writer.finish()
+    family = families.for_model_type(model.model_type, model.describe)
+    config = {**family.hf_config(model.config, model.model_type), **hf.special_token_ids(model.tokenizer)}
+    hf.write_config(out, config, dtype)
+    hf.copy_tokenizer(model.tokenizer, out)
+
+
+def total_bytes(model: Model, dtype: torch.dtype) -> int:
+    size = torch.tensor([], dtype=dtype).element_size()
+    return sum(int(torch.Size(model.shape(p.megatron)).numel()) * size for p in model.params)
