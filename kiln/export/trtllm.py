@@ -20,11 +20,19 @@ from pathlib import Path
 import torch
 
 from kiln.artifact import atomic_dir, write_manifest
-from kiln.config import ConfigError, ExportConfig
-from kiln.conversion.convert import DTYPES, Model, open_source
+from kiln.config import ExportConfig
 from kiln.conversion.safetensors_io import Entry, StreamWriter
+from kiln.conversion.source import DTYPES, Model, open_source
+from kiln.errors import ConfigError
+from kiln.validation import Check, Problems, check_output_dir, check_ranges, ensure_valid
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# The TensorRT-LLM release build.sh runs in: 1.0.0 is the first stable 1.x with the TensorRT
+# engine backend (trtllm-build), on CUDA 12.9; main has since removed trtllm-build. Engines are
+# tied to the exact version that built them, so it is recorded in the manifest too.
+TRTLLM_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:1.0.0"
+# head sizes TensorRT-LLM's attention kernels (MMHA) accept; others fail in trtllm-build
+ATTENTION_HEAD_SIZES = (32, 48, 64, 80, 96, 104, 112, 128, 144, 160, 192, 224, 256)
 TRTLLM_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -98,23 +106,37 @@ def trtllm_config(model: Model, tp: int, pp: int, dtype: torch.dtype) -> dict:
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
     }
     if model.model_type == "qwen2":
-        config["qwen_type"] = "qwen2"
+        # QWenDecoderLayer reads seq_length (for logn scaling, which stays off) with no default
+        config.update(qwen_type="qwen2", seq_length=m.max_position_embeddings, use_logn_attn=False)
     return config
 
 
-def build_script(cfg: ExportConfig) -> str:
+def sequence_limits(cfg: ExportConfig, positions: int) -> tuple[int, int]:
+    """(max_input_len, max_seq_len) for the engine: TensorRT-LLM builds its RoPE table for
+    max_position_embeddings rows only and merely warns beyond it, so longer is refused."""
+    seq = cfg.max_seq_len if cfg.max_seq_len is not None else min(4096, positions)
+    if seq > positions:
+        raise ConfigError(f"max_seq_len={seq} exceeds the model's max_position_embeddings={positions}: the engine's "
+                          f"positions would run past the rotary table; set max_seq_len <= {positions}")
+    return min(cfg.max_input_len, seq), seq
+
+
+def build_script(cfg: ExportConfig, max_input_len: int, max_seq_len: int, unbuildable: str | None = None) -> str:
+    stop = [f"echo 'kiln: this checkpoint cannot be built: {unbuildable}' >&2", "exit 1"] if unbuildable else []
     return "\n".join([
         "#!/usr/bin/env bash",
-        "# Builds TensorRT engines from this checkpoint, inside NGC's TensorRT-LLM image on a GPU host:",
-        "#   docker run --gpus all --rm -v $PWD:/ckpt -w /ckpt nvcr.io/nvidia/tensorrt-llm/release bash build.sh",
+        f"# Builds TensorRT engines from this checkpoint, inside NGC's TensorRT-LLM {TRTLLM_IMAGE.rsplit(':', 1)[1]} "
+        "image on a GPU host:",
+        "#   docker run --gpus all --rm --ipc host --ulimit memlock=-1 --ulimit stack=67108864 \\",
+        f"#     -v $PWD:/ckpt -w /ckpt {TRTLLM_IMAGE} bash build.sh",
         "set -euo pipefail",
+        *stop,
         'cd "$(dirname "$0")"',
         "trtllm-build --checkpoint_dir . --output_dir engines \\",
         f"    --workers {cfg.tp * cfg.pp} \\",
         "    --gemm_plugin auto --gpt_attention_plugin auto \\",
-        "    --remove_input_padding enable --paged_kv_cache enable --context_fmha enable \\",
-        f"    --max_batch_size {cfg.max_batch_size} --max_input_len {cfg.max_input_len} "
-        f"--max_seq_len {cfg.max_seq_len}",
+        "    --remove_input_padding enable --kv_cache_type paged --context_fmha enable \\",
+        f"    --max_batch_size {cfg.max_batch_size} --max_input_len {max_input_len} --max_seq_len {max_seq_len}",
         "",
     ])
 
@@ -132,11 +154,17 @@ def export_trtllm(cfg: ExportConfig) -> dict:
         raise ConfigError(f"--tp {cfg.tp}: the {m.heads_kv} KV heads can neither be split nor repeated evenly")
     if m.num_layers % cfg.pp:
         raise ConfigError(f"--pp {cfg.pp} does not divide the {m.num_layers} layers")
+    if m.ffn_size % cfg.tp:
+        raise ConfigError(f"--tp {cfg.tp} does not divide the MLP's {m.ffn_size} intermediate features")
+    max_input_len, max_seq_len = sequence_limits(cfg, m.max_position_embeddings)
+    unbuildable = None
+    if m.head_dim not in ATTENTION_HEAD_SIZES:
+        unbuildable = (f"head size {m.head_dim} is not one TensorRT-LLM's attention kernels support "
+                       f"({', '.join(map(str, ATTENTION_HEAD_SIZES))})")
+        print(f"kiln export: warning: {unbuildable}; the checkpoint is written and checked, build.sh refuses")
     dtype = DTYPES[cfg.dtype]
     tp, pp, per_stage = cfg.tp, cfg.pp, m.num_layers // cfg.pp
     verify = cfg.verify if cfg.verify is not None else dtype == torch.float32
-    if verify and dtype != torch.float32:
-        raise ConfigError("--verify compares logits within 1e-4, which needs --dtype float32")
     with atomic_dir(cfg.output) as tmp:
         (tmp / "config.json").write_text(json.dumps(trtllm_config(model, tp, pp, dtype), indent=2) + "\n")
         globals_ = global_tensors(model)  # embedding, final norm, lm_head: needed by first and last stage
@@ -165,7 +193,7 @@ def export_trtllm(cfg: ExportConfig) -> dict:
                     writer.write("lm_head.weight", lm_head.chunk(tp)[rank].to(dtype))
                 writer.close()
         script = tmp / "build.sh"
-        script.write_text(build_script(cfg))
+        script.write_text(build_script(cfg, max_input_len, max_seq_len, unbuildable))
         script.chmod(0o755)
         delta = None
         if verify:
@@ -179,6 +207,8 @@ def export_trtllm(cfg: ExportConfig) -> dict:
                 reference = megatron_logits(model.read, m, tokens)
             delta = compare(reference, trtllm_logits(tmp, tokens), f"TensorRT-LLM export (tp={tp}, pp={pp})")
         summary = {"tp": tp, "pp": pp, "dtype": cfg.dtype, "verified": verify, "max_abs_logit_delta": delta,
+                   "trtllm_image": TRTLLM_IMAGE, "max_input_len": max_input_len, "max_seq_len": max_seq_len,
+                   "buildable": unbuildable is None, **({"unbuildable": unbuildable} if unbuildable else {}),
                    "files": sorted(p.name for p in tmp.iterdir()), "seconds": round(time.time() - started, 2)}
         write_manifest(tmp, "export", dataclasses.asdict(cfg), [cfg.source], summary, started)
     return summary
@@ -198,9 +228,25 @@ def _stage_plan(stage, rank, meta_layer, m, tp, pp, per_stage, dtype, embed, lm_
     return plan
 
 
+def validate(cfg: ExportConfig, check: Check, problems: Problems) -> None:
+    """What can be known before reading the source; the model-dependent rules (heads and layers
+    against --tp/--pp) are checked when the source is opened, before anything is written."""
+    check_ranges(cfg, problems)
+    if not cfg.source:
+        problems.add("source is empty: give the checkpoint or model directory to read")
+    elif not check.will_exist(cfg.source):
+        check.missing(problems,
+                      f"source={cfg.source!r} does not exist: give an HF directory, a kiln checkpoint, a NeMo 2 "
+                     f"directory or a .nemo file")
+    check_output_dir("output", cfg.output, problems)
+    if cfg.to == "trtllm" and cfg.verify and cfg.dtype != "float32":
+        problems.add("--verify compares logits within 1e-4, which needs --dtype float32 (verify, dtype)")
+
+
 def export(cfg: ExportConfig) -> dict:
     """`kiln export`: --to trtllm writes the TensorRT-LLM checkpoint; --to hf a transformers
     directory that TensorRT-LLM's LLM API and vLLM load directly."""
+    ensure_valid(cfg, validate, what="the export config")
     if cfg.to == "trtllm":
         return export_trtllm(cfg)
     if cfg.to == "hf":

@@ -41,11 +41,15 @@ def tiny() -> PretrainConfig:
 
 
 def smoke() -> PretrainConfig:
-    """CI smoke run: `tiny` for 20 steps with fixed numerics, compared against the reference loss
-    curve in tests/assets/losses/pretrain_smoke.json (CPU, fp32). On one GPU it finishes in
-    seconds; its bf16 curve is not compared."""
+    """CI smoke run: `tiny` for 20 steps with fixed numerics, on the machine at hand: TP=2 on two
+    CPU processes (fp32; must reproduce tests/assets/losses/pretrain_smoke.json), or ONE GPU
+    (world size 1: two NCCL ranks cannot share a device; bf16, TransformerEngine)."""
+    import torch
+
     cfg = tiny()
-    cfg.run_dir = "runs/smoke"
+    cfg.run_dir = "runs/smoke/pretrain"
+    tp = 1 if torch.cuda.is_available() else 2
+    cfg.parallel = ParallelConfig(tp=tp, pp=1, world_size=tp)
     cfg.train.steps = 20
     cfg.train.eval_interval = 10
     cfg.checkpoint.save_interval = 0

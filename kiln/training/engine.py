@@ -109,11 +109,16 @@ def train_step(engine: Engine, make_batches, num_microbatches: int, seq_length: 
     reports = run_schedule(engine.chunks, make_batches, num_microbatches, seq_length, micro_batch_size,
                             forward_step, forward_only=False)
     lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step applies
-    _updated, grad_norm, _zeros = engine.optimizer.step()
-    engine.scheduler.step(increment=1)
+    updated, grad_norm, _zeros = engine.optimizer.step()
+    # fp16: a step whose gradients overflowed is skipped (the loss scale backs off); the schedule
+    # stays where it is, as Megatron-LM's train_step does, so the skipped step costs no LR decay
+    if updated:
+        engine.scheduler.step(increment=1)
     result = reduce_reports(reports, report_names, engine.device)
     result["grad_norm"] = float(grad_norm) if grad_norm is not None else None
     result["lr"] = lr
+    if not updated:
+        result["skipped"] = 1.0
     return result
 
 

@@ -137,6 +137,27 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, tconfig, vp_stage: i
     return gpt
 
 
+def gpt_of(chunk):
+    """The GPTModel inside a chunk, whatever wraps it (DDP, Float16Module)."""
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(chunk)
+
+
+def attend_within_mask(gpt) -> None:
+    """Make the local attention honour the attention mask it is given (a packed batch's block-
+    diagonal causal mask). megatron-core builds it with the causal mask type, whose fused softmax
+    kernel (GPU, masked_softmax_fusion) applies its own triangle and ignores the mask, so packed
+    examples would attend to each other; the `arbitrary` type makes both the fused kernel and the
+    torch path apply the given mask, which must then hold the causal part too (it does)."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    for layer in gpt.decoder.layers:
+        softmax = getattr(layer.self_attention.core_attention, "scale_mask_softmax", None)
+        if softmax is not None:  # the local spec's DotProductAttention (TE's takes THD instead)
+            softmax.attn_mask_type = AttnMaskType.arbitrary
+
+
 def _scale_rope(gpt, model: ModelConfig) -> None:
     """Llama 3.1 RoPE scaling with all four of its parameters (GPTModel exposes only `factor`)."""
     rope = gpt.rotary_pos_emb
@@ -154,19 +175,25 @@ def _scale_rope(gpt, model: ModelConfig) -> None:
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, precision: str, device: torch.device,
                 use_distributed_optimizer: bool, transform=None):
-    """This rank's model chunks (one, or vpp with interleaving), each wrapped in megatron-core DDP."""
+    """This rank's model chunks (one, or vpp with interleaving), each wrapped in megatron-core DDP.
+    In bf16/fp16 each chunk is first wrapped in megatron-core's Float16Module, as Megatron-LM
+    does: it casts every weight (GPT-2's learned position embedding too, so the first layer sees
+    a bf16 hidden state, which TransformerEngine's fused layers require) and returns fp32 logits."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.tensor_parallel import set_defaults_if_not_set_tensor_model_parallel_attributes
+    from megatron.core.transformer.module import Float16Module
 
     tconfig = transformer_config(model, parallel, precision)
     stages = range(parallel.vpp) if parallel.vpp else [None]
     chunks = [build_gpt(model, parallel, tconfig, vp_stage=s) for s in stages]
-    for chunk in chunks:
+    for i, chunk in enumerate(chunks):
         if transform is not None:
             transform(chunk)
         for p in chunk.parameters():
             set_defaults_if_not_set_tensor_model_parallel_attributes(p)
         chunk.to(device)
+        if precision in ("bf16", "fp16"):
+            chunks[i] = Float16Module(tconfig, chunk)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from kiln.config import ConvertConfig
 from kiln.conversion import dcp
-from kiln.conversion.convert import convert, open_source
+from kiln.conversion.convert import convert
+from kiln.conversion.source import open_source
 from tests.conversion.models import VARIANTS, build
 
 
@@ -75,3 +76,22 @@ def test_nemo_layouts_preserve_every_tensor_and_field(models, layout, tmp_path):
     else:
         assert (out / "context" / "model.yaml").exists() and (out / "weights" / "metadata.json").exists()
         assert any(k.startswith("module.decoder.layers.") for k in dcp.Reader(out / "weights").tensor_keys())
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "llama_tied", "qwen2_qkv_bias", "gpt2"])
+def test_converted_checkpoint_has_every_key_the_transformer_engine_spec_loads(models, variant, tmp_path):
+    """On GPU kiln builds megatron-core's TE layer spec and loads strictly; the keys that spec
+    names are derived from megatron-core's own spec tree on CPU (tests/conversion/te_spec.py)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from kiln.artifact import resolve_checkpoint
+    from tests.conversion.te_spec import te_checkpoint_keys
+
+    convert(ConvertConfig(source=str(models[variant]), output=str(tmp_path / "meg"), to="megatron", verify=False))
+    path = resolve_checkpoint(tmp_path / "meg" / "checkpoints")
+    saved = {key.split("/shard_")[0] for key in FileSystemReader(str(path)).read_metadata().state_dict_metadata}
+    model = open_source(tmp_path / "meg", 1, None).config
+    expected = te_checkpoint_keys(model)
+    assert "decoder.final_layernorm._extra_state" in expected  # TE's norm carries FP8 state
+    assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in expected  # the fused norm
+    assert expected <= saved, sorted(expected - saved)

@@ -3,8 +3,12 @@ that moves the numerics fails CI even when every parity check still agrees with 
 
 from __future__ import annotations
 
+import pytest
+
 from kiln.recipes.pretrain import smoke
 from tests.conftest import check_loss_curve, launch, read_metrics
+
+pytestmark = pytest.mark.slow  # launches processes (make test-fast skips it)
 
 TOLERANCE = 2e-3  # fp32 on CPU; covers BLAS differences between x86 CPUs, not a changed model
 
