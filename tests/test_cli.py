@@ -79,3 +79,18 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(demo_data, tmp_path):
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert latest == f"iter_{failed_step - 1:07d}"
     assert len(list((run / "checkpoints").glob("iter_*"))) == 2  # keep_last pruned the rest
+
+
+def test_an_output_that_is_an_existing_file_is_one_line_for_every_stage(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a directory")
+    corpus = "data/demo/corpus.jsonl"
+    for args in (["curate", "--input", corpus, "--output", str(taken)],
+                 ["prepare", "--input", corpus, "--output", str(taken)],
+                 ["convert", str(tmp_path), "--to", "hf", "--output", str(taken)],
+                 ["export", str(tmp_path), "--to", "trtllm", "--output", str(taken)],
+                 ["export", str(tmp_path), "--to", "trtllm", "--output", str(taken / "inside")]):
+        out = kiln(*args)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, (args, out.stderr[-2000:])
+        assert f"{taken} cannot be created" in out.stderr or f"(its parent {taken} is a file)" in out.stderr, \
+            out.stderr

@@ -89,3 +89,30 @@ def test_a_failing_stage_stops_the_stages_after_it(tmp_path):
     assert launch_pipeline(make(root, corpus), launch, echo=lines.append) == 1
     assert any(line.startswith("prepare failed") for line in lines), lines
     assert not (root / "pretrain").exists()
+
+
+def test_every_stage_reads_its_upstreams_resolved_artifact():
+    """The lineage bug: recipes spelled paths before overrides, so a pipeline run with
+    pretrain.run_dir moved trained the new model and fine-tuned the old one. Links resolve after
+    overrides, from the upstream stage's own config."""
+    p = pl.with_overrides(tiny(root="runs/never-written"), ["pretrain.run_dir=elsewhere/pretrain",
+                                                             "prepare.output_dir=elsewhere/data"])
+    r = pl.resolve_links(p)
+    assert r.sft.checkpoint.load_weights == "elsewhere/pretrain/checkpoints"
+    assert r.pretrain.data.blend == ["elsewhere/data/corpus_text_document"]
+    assert r.sft.data.tokenizer == r.rlhf.data.tokenizer == "elsewhere/data/tokenizer"
+    assert r.dpo.checkpoint.load_weights == r.rm.checkpoint.load_weights == f"{r.sft.run_dir}/checkpoints"
+    assert r.rlhf.rlhf.reward == f"{r.rm.run_dir}/checkpoints"
+    assert r.convert.source == f"{r.rlhf.run_dir}/checkpoints" and r.export.source == r.convert.output
+    p.rlhf = p.dpo = None  # convert then reads the next stage present
+    assert pl.resolve_links(p).convert.source == f"{p.sft.run_dir}/checkpoints"
+
+
+def test_a_linked_field_cannot_be_overridden_while_its_upstream_runs():
+    import pytest
+
+    from kiln.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sft.checkpoint.load_weights comes from the pretrain stage's output "
+                                          r"\(pretrain.checkpoints\)"):
+        pl.with_overrides(tiny(), ["sft.checkpoint.load_weights=runs/old/pretrain/checkpoints"])

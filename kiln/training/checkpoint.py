@@ -208,10 +208,12 @@ def _commit(ckpt_dir: Path, step: int, write, estimate: int, keep_last: int | No
             tmp.mkdir(parents=True)
     problem = _agree(problem)
     if not problem:
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
         try:
             write(tmp)
-        except Exception as exc:  # noqa: BLE001 -- a failed write on any rank fails the save on all
-            problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 -- a failed write on one rank fails all
+            problem = _first_cause(exc)
         problem = _agree(problem)
     if problem:
         if rank == 0:
@@ -242,6 +244,13 @@ def loaded_checkpoints(*paths: str | None) -> list[str]:
     """The checkpoint directories a run reads weights from, resolved to their iter_* directory:
     inputs of its manifest, so a pipeline sees when an upstream checkpoint changed."""
     return [str(resolve(p)) for p in paths if p]
+
+
+def _first_cause(exc: BaseException) -> str:
+    """The line that says what went wrong (DCP wraps a worker's OSError in a per-rank report)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    cause = next((line for line in reversed(lines) if "Error" in line and ":" in line), lines[0] if lines else "")
+    return f"{type(exc).__name__}: {cause}"
 
 
 def _agree(problem: str) -> str:
@@ -331,11 +340,12 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, fresh=None) -
         if same_layout:
             template["kiln_rng_state"] = _rng_sharded(None)
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     try:
         loaded, _, absent = dist_checkpointing.load(template, str(path), strict=StrictHandling.RETURN_ALL)
-    except (KeyError, RuntimeError, FileNotFoundError, AssertionError) as exc:
-        raise CheckpointError(f"cannot load {path}: {type(exc).__name__}: {exc}") from exc
+    except (KeyError, RuntimeError, FileNotFoundError, AssertionError, CheckpointException) as exc:
+        raise CheckpointError(f"cannot load {path}: {_first_cause(exc)}") from None
     _accept_absent_extra_state(path, template, loaded, absent)
 
     # `fresh` tensors (new adapters or heads) keep their initialisation

@@ -106,18 +106,40 @@ def check_weights(field_name: str, source: str, m: ModelConfig, padded_vocab: in
     if scalar_head:
         expected.pop("output_layer.weight", None)
     saved = saved_shapes(path)
-    recorded = saved_model_config(path) or {}
-    differs = [f"model.{k}={recorded[k]}" for k in ("num_layers", "hidden_size", "ffn_hidden_size",
-                                                     "num_attention_heads", "num_query_groups", "kv_channels",
-                                                     "activation", "normalization")
-               if k in recorded and recorded[k] != getattr(m, k)]
+    recorded = _recorded_model(path)
     for key, shape in expected.items():
         found = saved.get(key)
         if found is None or found == shape:
             continue
+        if key.endswith("word_embeddings.weight") and found[1:] == shape[1:]:
+            rows = found[0]
+            problems.add(f"{field_name}={source}: the checkpoint pads the vocabulary to {rows} rows, this model to "
+                         f"{shape[0]}: set model.make_vocab_size_divisible_by so they match (or convert with the "
+                         f"--tp this run uses)")
+            return
+        differs = _differences(recorded, m) if recorded else []
         part = next((name for name in _FIELDS if name in key), "layernorm")
         fix = (f"the checkpoint was saved with {', '.join(differs)}: set those" if differs
                else f"set {_FIELDS[part]} to the checkpoint's")
         problems.add(f"{field_name}={source}: tensor {key} is {list(found)} in {path.name} but this model "
                      f"makes it {list(shape)}; {fix}")
         return  # one tensor names the mismatch; the rest follow from it
+
+
+def _recorded_model(path: Path) -> ModelConfig | None:
+    from kiln import overrides
+
+    recorded = saved_model_config(path)
+    try:
+        return overrides.from_dict(ModelConfig, recorded) if recorded else None
+    except Exception:  # noqa: BLE001 -- another kiln's record: the shapes alone still name the tensor
+        return None
+
+
+def _differences(saved: ModelConfig, m: ModelConfig) -> list[str]:
+    """Fields whose effective values differ (kv_channels=None and 32 are the same head size)."""
+    fields = {"num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_size": "ffn_hidden_size",
+              "num_attention_heads": "num_attention_heads", "heads_kv": "num_query_groups",
+              "head_dim": "kv_channels", "activation": "activation", "normalization": "normalization"}
+    return [f"model.{name}={getattr(saved, attr)}" for attr, name in fields.items()
+            if getattr(saved, attr) != getattr(m, attr)]

@@ -57,8 +57,14 @@ def test_sft_tp2_and_pp2_match_one_process(base, demo_data, tmp_path):
     pp = _run("sft", 2, base, demo_data, tmp_path / "pp", *SHORT, "parallel.pp=2")
     _same_losses(one, tp)
     _same_losses(one, pp)
-    report = json.loads((tmp_path / "one" / "kiln.json").read_text())["summary"]["data"]["train"]
+    manifest = json.loads((tmp_path / "one" / "kiln.json").read_text())
+    report = manifest["summary"]["data"]["train"]
     assert report["kept"] == 400 and report["samples"] < 400  # packed
+    # lineage: the checkpoint it loaded is an input, with a digest, next to its data and tokenizer
+    from kiln.artifact import digest, resolve_checkpoint
+
+    loaded = resolve_checkpoint(base)
+    assert {"path": str(loaded.resolve()), "digest": digest(loaded)} in manifest["inputs"]
 
 
 def test_lora_under_tp2_matches_and_merges(base, demo_data, tmp_path):

@@ -112,6 +112,23 @@ def test_bad_input_is_counted_with_file_and_line_or_fails_strict(tmp_path):
     assert not (tmp_path / "strict").exists()  # nothing partial under the final name
 
 
+def test_a_truncated_file_is_reported_and_what_was_read_kept_or_strict_fails(tmp_path):
+    data = b"".join(b'{"text": "a fine document about pottery number %d"}\n' % i for i in range(3000))
+    path = tmp_path / "raw.jsonl.gz"
+    packed = gzip.compress(data)
+    path.write_bytes(packed[: len(packed) // 2])
+    cfg = CurateConfig(inputs=[str(path)], output_dir=str(tmp_path / "out"), workers=1, fuzzy_dedup=False)
+    cfg.filters.enabled = False
+    report = curate(cfg)
+    assert report["bad_input"]["counts"] == {"truncated": 1}
+    assert "truncated: the compressed file ends early after line" in report["bad_input"]["examples"][0]
+    assert 0 < report["documents_out"] < 3000  # what was read is kept, and the report says the file is cut
+    cfg.strict, cfg.output_dir = True, str(tmp_path / "strict")
+    with pytest.raises(CurationInputError, match="truncated"):
+        curate(cfg)
+    assert not (tmp_path / "strict").exists()
+
+
 def test_normalization_and_pii_redaction(tmp_path):
     path = tmp_path / "pii.jsonl"
     text = ("Caf\u00c3\u00a9 owner ada@example.com, server 192.168.0.12, call +1 415-555-0132, card "

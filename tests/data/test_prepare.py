@@ -62,3 +62,39 @@ def test_invalid_utf8_is_reported(tmp_path):
     src.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(InputError, match=r"in\.jsonl:2: invalid UTF-8"):
         prepare(PrepareConfig(inputs=[str(src)], output_dir=str(tmp_path / "out"), vocab_size=300))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst"])
+def test_a_truncated_compressed_file_names_the_last_good_line_and_leaves_nothing(tmp_path, suffix):
+    """A copy cut short (or a full disk) ends a compressed stream inside a frame: gzip raises
+    EOFError and zstandard's stream reader ends silently; both are one located error here."""
+    import gzip
+
+    import zstandard
+
+    n = 20000  # zstd emits whole blocks (128 KB): enough of them that half the file holds some
+    data = "".join(json.dumps({"text": f"{DOCS[i % 3]} {i}"}) + "\n" for i in range(n)).encode()
+    packed = gzip.compress(data) if suffix.endswith(".gz") else zstandard.ZstdCompressor().compress(data)
+    src = tmp_path / f"in{suffix}"
+    src.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(InputError, match=rf"in{suffix}:\d+: truncated: the compressed file ends early after line "
+                                         rf"\d+") as err:
+        prepare(PrepareConfig(inputs=[str(src)], output_dir=str(tmp_path / "out"), vocab_size=300))
+    last_good = int(str(err.value).split("after line ")[1].split()[0].rstrip(";"))
+    assert 1000 < last_good < n
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]  # no partial output
+
+    whole = tmp_path / "whole" / f"in{suffix}"  # the same file complete reads every line
+    whole.parent.mkdir()
+    whole.write_bytes(packed)
+    assert prepare(PrepareConfig(inputs=[str(whole)], output_dir=str(tmp_path / "o2"), vocab_size=300))[
+        "documents"] == n
+
+
+def test_an_output_path_that_is_a_file_is_refused_before_anything_runs(tmp_path):
+    from kiln.config import ConfigError
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in DOCS])
+    (tmp_path / "taken").write_text("not a directory")
+    with pytest.raises(ConfigError, match="output_dir=.*taken cannot be created: it is an existing file"):
+        prepare(PrepareConfig(inputs=[str(src)], output_dir=str(tmp_path / "taken"), vocab_size=300))

@@ -107,3 +107,34 @@ def test_launch_overrides_reach_the_script():
     assert "#SBATCH --nodes=2" in text and "#SBATCH --no-requeue" in text
     assert "export KILN_ON_PREEMPT=resubmit" in text and "#SBATCH --time=00:30:00" in text
     assert '/sbatch --parsable --dependency=afterany:"$SLURM_JOB_ID" "$script"' in text  # from the exit trap
+
+
+def test_python_api_validates_where_the_task_is_built():
+    """to_partial checks the config for the executor's world size in the caller: one ConfigError
+    listing every problem, instead of a traceback from every rank after launch."""
+    import nemo_run as run
+
+    from kiln.launch import to_partial
+
+    cfg = tiny()
+    cfg.model.vocab_size = 1000
+    cfg.optimizer.lr = -1
+    with pytest.raises(ConfigError) as err:
+        to_partial(cfg, run.LocalExecutor(ntasks_per_node=3, launcher="torchrun"))
+    text = str(err.value)
+    assert "optimizer.lr=-1 must be > 0" in text or "optimizer.lr=-1.0 must be > 0" in text
+    cfg.optimizer.lr = 1e-3
+    with pytest.raises(ConfigError, match="parallel.world_size=2 but 3 processes were launched"):
+        to_partial(cfg, run.LocalExecutor(ntasks_per_node=3, launcher="torchrun"))
+
+
+def test_launch_nproc_sets_the_local_world_size():
+    from kiln.launch.driver import world_size
+    from kiln.stages import STAGES
+
+    launch = LaunchConfig()
+    assert world_size(STAGES["pretrain"], tiny(), launch) == 2
+    launch.nproc = 4
+    assert world_size(STAGES["pretrain"], tiny(), launch) == 4
+    assert world_size(STAGES["pretrain"], tiny(), launch, nproc=1) == 1  # --nproc wins
+    assert world_size(STAGES["prepare"], None, launch) == 1  # single-process stages

@@ -68,8 +68,9 @@ import sys
 from kiln.training import checkpoint
 checkpoint._estimate_bytes = lambda chunks, optimizer: 0  # let the pre-check pass: the write itself must fail
 checkpoint._size = lambda path: 0
-from kiln.cli import main
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # dist_checkpointing's save workers re-import __main__
+    from kiln.cli import main
+    sys.exit(main(sys.argv[1:]))
 """
 
 

@@ -100,3 +100,67 @@ def test_cluster_recipes_validate_on_their_world_size(recipe):
 
     cfg = RECIPES[recipe]()
     validate(cfg, Check(world_size=cfg.parallel.world_size, files="skip"))  # their data lives on the cluster
+
+
+def test_every_broken_rule_is_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        check(2, parallel__tp=3, optimizer__lr=1e-3)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "3 problems in the training config:"
+    assert any("world size 2 is not divisible by parallel.tp x parallel.pp = 3 x 1 = 3" in line for line in lines)
+    assert any("model.num_attention_heads=4 is not divisible by parallel.tp=3" in line for line in lines)
+    assert any("model.num_query_groups=2 (KV heads) is not divisible by parallel.tp=3" in line for line in lines)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("optimizer.lr", -1, "optimizer.lr=-1.0 must be > 0"),
+    ("optimizer.beta2", 1.0, "optimizer.beta2=1.0 must be in [0, 1)"),
+    ("optimizer.eps", 0, "optimizer.eps=0.0 must be > 0"),
+    ("optimizer.weight_decay", -0.1, "optimizer.weight_decay=-0.1 must be >= 0"),
+    ("optimizer.clip_grad", -1, "optimizer.clip_grad=-1.0 must be >= 0"),
+    ("model.hidden_dropout", 1.0, "model.hidden_dropout=1.0 must be in [0, 1)"),
+    ("model.norm_epsilon", 0, "model.norm_epsilon=0.0 must be > 0"),
+    ("train.eval_interval", -5, "train.eval_interval=-5 must be >= 0"),
+    ("checkpoint.keep_last", 0, "checkpoint.keep_last=0 must be >= 1"),
+    ("logging.loss_spike_factor", -2, "logging.loss_spike_factor=-2.0 must be >= 0"),
+])
+def test_numeric_fields_are_range_checked(field, value, message):
+    with pytest.raises(ConfigError) as err:
+        check(2, **{field.replace(".", "__"): value})
+    assert message in str(err.value)
+
+
+def test_other_stages_fields_are_range_checked_too(tmp_path):
+    from kiln.config import CurateConfig, DPOConfig, RLHFConfig
+    from kiln.validation import Problems, check_ranges
+
+    for cfg, field, value in ((CurateConfig(), "jaccard_threshold", 1.0), (DPOConfig(), "dpo.beta", 0),
+                              (RLHFConfig(), "rlhf.generation.top_p", 0), (RLHFConfig(), "rlhf.gamma", 1.5)):
+        overrides.apply(cfg, {field: value})
+        problems = Problems()
+        check_ranges(cfg, problems)
+        assert problems.lines and problems.lines[0].startswith(f"{field}="), (field, problems.lines)
+
+
+def test_weights_of_another_shape_are_named_before_anything_starts(tmp_path):
+    """sft with a model.hidden_size unlike the checkpoint's: one line from the checkpoint's metadata
+    (which tensor, both shapes, the fields it was saved with), no process group, no traceback."""
+    import subprocess
+    import sys
+
+    from kiln.config import ConvertConfig
+    from kiln.conversion.convert import convert
+    from tests.conversion.models import build
+
+    hf = build("llama", tmp_path / "hf")
+    convert(ConvertConfig(source=str(hf), output=str(tmp_path / "meg"), to="megatron", verify=False))
+    weights = tmp_path / "meg" / "checkpoints"
+    model = ["model.num_layers=2", "model.hidden_size=128", "model.num_attention_heads=4", "model.num_query_groups=2",
+             "model.ffn_hidden_size=160", "model.vocab_size=1000", "model.make_vocab_size_divisible_by=128"]
+    out = subprocess.run([sys.executable, "-m", "kiln.cli", "sft", "--recipe", "tiny",
+                          f"checkpoint.load_weights={weights}", f"run_dir={tmp_path / 'run'}", *model],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert ("tensor decoder.layers.self_attention.linear_qkv.weight is [2, 128, 64] in iter_0000000 but this model "
+            "makes it [2, 256, 128]; the checkpoint was saved with model.hidden_size=64") in out.stderr, out.stderr
+    assert not (tmp_path / "run").exists()
