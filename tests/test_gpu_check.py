@@ -14,8 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_gpu_check_runs_its_cpu_form_and_skips_what_needs_a_gpu(tmp_path):
-    # tp2 left out: TP=2 on CPU is the parity tests' (its check differs only in two flags)
-    checks = "environment,pretrain,sft_thd,lora_te,converted,curator_gpu,trtllm"
+    # the SFT checks' CPU forms are the post-training tests' runs; tp2's the parity tests'
+    checks = "environment,pretrain,converted,curator_gpu,trtllm"
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--cpu", "--steps", "3",
                           "--only", checks, "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900,
                          cwd=ROOT)
@@ -23,5 +23,5 @@ def test_gpu_check_runs_its_cpu_form_and_skips_what_needs_a_gpu(tmp_path):
     table = out.stdout.split("\n\ncheck")[1]
     status = {line.split()[0]: line.split()[1] for line in table.splitlines()[1:] if line.strip() and
               not line.startswith("runs kept")}
-    assert status == {"environment": "PASS", "pretrain": "PASS", "sft_thd": "PASS", "lora_te": "PASS",
-                      "converted": "PASS", "curator_gpu": "SKIP", "trtllm": "SKIP"}, table
+    assert status == {"environment": "PASS", "pretrain": "PASS", "converted": "PASS", "curator_gpu": "SKIP",
+                      "trtllm": "SKIP"}, table

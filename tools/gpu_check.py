@@ -42,7 +42,7 @@ class Skip(Exception):
 
 
 def kiln(*args: str, timeout: int = 600) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}
+    env = dict(os.environ)
     out = subprocess.run([sys.executable, "-m", "kiln.cli", *args], capture_output=True, text=True,
                          timeout=timeout, env=env)
     if out.returncode != 0:

@@ -15,52 +15,109 @@ MODEL_TYPES = ("llama", "mistral", "qwen2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
-def model_config(hf: dict) -> ModelConfig:
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"config.json hidden_act={hf['hidden_act']!r}: the Llama family converts with silu only")
-    scaling = hf.get("rope_scaling")
-    rope_scaling = None
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind != "llama3":
-            raise ConfigError(f"config.json rope_scaling type {kind!r} is not supported; kiln converts llama3 scaling")
-        rope_scaling = RopeScaling(
-            factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
-            high_freq_factor=float(scaling["high_freq_factor"]),
-            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-        )
-    heads = hf["num_attention_heads"]
+def model_config(hf: dict, where: str = "config.json") -> ModelConfig:
+    """config.json as the pinned transformers reads it (hf_class_config): RoPE from either config
+    generation, and nothing that changes the math defaulted by kiln or dropped."""
+    cfg = hf_class_config(hf, where)
+    if cfg.hidden_act != "silu":
+        raise ConfigError(f"{where}: hidden_act={cfg.hidden_act!r}: the Llama family converts with silu only")
+    if getattr(cfg, "mlp_bias", False):
+        raise ConfigError(f"{where}: mlp_bias=true: kiln's Llama models have no MLP biases; this model cannot "
+                          f"be converted without changing it")
+    _refuse_sliding_window(cfg, where)
+    rope = _rope(cfg, where)
+    heads = cfg.num_attention_heads
     return ModelConfig(
-        num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
-        ffn_hidden_size=hf["intermediate_size"], num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads", heads),
-        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
-        vocab_size=hf["vocab_size"], max_position_embeddings=hf["max_position_embeddings"],
-        normalization="RMSNorm", norm_epsilon=hf.get("rms_norm_eps", 1e-6), activation="swiglu",
-        position_embedding="rope", rotary_base=int(hf.get("rope_theta", 10000)), rope_scaling=rope_scaling,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), add_bias_linear=False,
-        add_qkv_bias=hf["model_type"] == "qwen2" or bool(hf.get("attention_bias", False)),
-        init_method_std=hf.get("initializer_range", 0.02),
+        num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.intermediate_size, num_attention_heads=heads,
+        num_query_groups=cfg.num_key_value_heads or heads,
+        kv_channels=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_position_embeddings,
+        normalization="RMSNorm", norm_epsilon=cfg.rms_norm_eps, activation="swiglu",
+        position_embedding="rope", rotary_base=rope["base"], rope_scaling=rope["scaling"],
+        tie_embeddings=bool(cfg.tie_word_embeddings), add_bias_linear=False,
+        add_qkv_bias=cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
+        init_method_std=cfg.initializer_range,
     )
 
 
+REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+            "max_position_embeddings")
+
+
+def hf_class_config(hf: dict, where: str):
+    """The model's transformers config class built from config.json: both config generations (top-level
+    rope_theta / rope_scaling of transformers 4, rope_parameters of 5) become rope_parameters, and a
+    field the file omits takes that class's default, as transformers itself would load the model. The
+    shape fields have no meaningful default: their absence is refused."""
+    from transformers import AutoConfig
+
+    missing = [key for key in REQUIRED if key not in hf]
+    if missing:
+        raise ConfigError(f"{where}: {', '.join(missing)} missing; a {hf.get('model_type')} config.json names them")
+    return AutoConfig.for_model(hf["model_type"], **{k: v for k, v in hf.items() if k != "model_type"})
+
+
+def _rope(cfg, where: str) -> dict:
+    params = cfg.rope_parameters
+    kind = params.get("rope_type", params.get("type", "default"))
+    if "rope_theta" not in params:
+        raise ConfigError(f"{where}: rope_parameters has no rope_theta; name the RoPE base")
+    scaling = None
+    if kind == "llama3":
+        scaling = RopeScaling(
+            factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+    elif kind != "default":
+        raise ConfigError(f"{where}: RoPE type {kind!r} is not one kiln models (default, llama3); converting it "
+                          f"would change the model")
+    base = float(params["rope_theta"])
+    if not base.is_integer():
+        raise ConfigError(f"{where}: rope_theta={base} is not a whole number, which kiln's model.rotary_base holds")
+    return {"base": int(base), "scaling": scaling}
+
+
+def _refuse_sliding_window(cfg, where: str) -> None:
+    """kiln's models attend over the whole sequence: a window shorter than the positions (Mistral
+    v0.1's 4096 of 32768) changes the model, so it is refused rather than dropped."""
+    window = getattr(cfg, "sliding_window", None)
+    used = getattr(cfg, "use_sliding_window", True)  # Qwen2 declares a window it does not use by default
+    if used and window is not None and window < cfg.max_position_embeddings:
+        raise ConfigError(
+            f"{where}: sliding_window={window} is shorter than max_position_embeddings={cfg.max_position_embeddings}: "
+            f"kiln's models attend over the whole sequence, so converting would change the model beyond "
+            f"{window} tokens; use a checkpoint without sliding-window attention (Mistral v0.2+)"
+        )
+
+
 def hf_config(m: ModelConfig, model_type: str = "llama") -> dict:
-    config = {
-        "architectures": [ARCHITECTURES[model_type]], "model_type": model_type,
+    """config.json as the pinned transformers writes it (rope_parameters in transformers 5)."""
+    from transformers import AutoConfig
+
+    rope = {"rope_type": "default", "rope_theta": float(m.rotary_base)}
+    if m.rope_scaling is not None:
+        s = m.rope_scaling
+        rope = {"rope_type": "llama3", "rope_theta": float(m.rotary_base), "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings}
+    fields = {
+        "architectures": [ARCHITECTURES[model_type]],
         "hidden_size": m.hidden_size, "intermediate_size": m.ffn_size, "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.heads_kv, "head_dim": m.head_dim,
         "vocab_size": m.vocab_size, "max_position_embeddings": m.max_position_embeddings,
-        "rms_norm_eps": m.norm_epsilon, "rope_theta": float(m.rotary_base), "hidden_act": "silu",
-        "tie_word_embeddings": m.tie_embeddings, "initializer_range": m.init_method_std,
-        "attention_bias": m.add_qkv_bias and model_type != "qwen2", "mlp_bias": False,
-        "torch_dtype": "float32", "use_cache": True,
+        "rms_norm_eps": m.norm_epsilon, "rope_parameters": rope, "hidden_act": "silu",
+        "tie_word_embeddings": m.tie_embeddings, "initializer_range": m.init_method_std, "use_cache": True,
     }
-    if m.rope_scaling is not None:
-        s = m.rope_scaling
-        config["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-                                  "high_freq_factor": s.high_freq_factor,
-                                  "original_max_position_embeddings": s.original_max_position_embeddings}
-    return config
+    if model_type == "llama":
+        fields.update(attention_bias=m.add_qkv_bias, mlp_bias=False)
+    elif model_type == "mistral":  # kiln attends over the whole sequence (MistralConfig defaults to 4096)
+        fields.update(sliding_window=None)
+    else:  # Qwen2 declares a window it does not use unless use_sliding_window
+        fields.update(use_sliding_window=False)
+    config = AutoConfig.for_model(model_type, **fields).to_diff_dict()  # what save_pretrained writes
+    return {key: value for key, value in config.items() if key not in ("transformers_version", "dtype", "torch_dtype")}
 
 
 def params(m: ModelConfig, padded_vocab: int) -> list[Param]:

@@ -56,7 +56,7 @@ def detect_format(path: Path) -> str:
 def open_hf(directory: Path, tp: int) -> Model:
     cfg = hf.read_config(directory)
     family = families.for_model_type(cfg.get("model_type"), f"{directory}/config.json")
-    m = family.model_config(cfg)
+    m = family.model_config(cfg, f"{directory}/config.json")
     padded = m.padded_vocab_size(tp)
     params = family.params(m, padded)
     reader = hf.Reader(directory)

@@ -1,29 +1,35 @@
-"""CI smoke recipes: each stage's smoke run must reproduce its reference loss curve, so a change
-that moves the numerics fails CI even when every parity check still agrees with itself."""
+"""CI smoke recipes: `kiln pipeline run smoke` runs every stage (pretraining as TP=2 on two CPU
+processes here, world size 1 on one GPU), and each training stage must reproduce its reference loss
+curve, so a change that moves the numerics fails CI even when every parity check still agrees with
+itself. Regenerate after an intended numerical change with KILN_UPDATE_GOLDEN=1."""
 
 from __future__ import annotations
 
 import pytest
 
-from kiln.recipes.pretrain import smoke
-from tests.conftest import check_loss_curve, launch, read_metrics
+from kiln.launch.config import LaunchConfig
+from kiln.launch.driver import launch_pipeline
+from kiln.recipes.pipeline import smoke
+from tests.conftest import check_loss_curve, read_metrics
 
 pytestmark = pytest.mark.slow  # launches processes (make test-fast skips it)
 
 TOLERANCE = 2e-3  # fp32 on CPU; covers BLAS differences between x86 CPUs, not a changed model
 
 
-def test_pretrain_smoke_matches_reference_curve(demo_data, tmp_path):
-    cfg = smoke()
-    fields = {
-        "run_dir": str(tmp_path / "smoke"),
-        "data.blend": f"[{demo_data}/corpus_text_document]",
-        "data.tokenizer": str(demo_data / "tokenizer"),
-        "data.cache_dir": str(tmp_path / "cache"),
-        "logging.tensorboard": "false",
-        "logging.progress_bar": "false",
-    }
-    launch(cfg.parallel.world_size, [[f"{k}={v}" for k, v in fields.items()]], recipe="smoke")
-    metrics = read_metrics(tmp_path / "smoke")
-    assert metrics[20]["loss"] < metrics[1]["loss"] - 2.0
-    check_loss_curve("pretrain_smoke", metrics, TOLERANCE)
+def test_smoke_pipeline_reproduces_every_stages_reference_curve(tmp_path):
+    pipeline = smoke(root=str(tmp_path / "smoke"))
+    for _, cfg in pipeline.stages():
+        if hasattr(cfg, "logging"):
+            cfg.logging.tensorboard = False
+            cfg.logging.progress_bar = False
+    lines = []
+    assert launch_pipeline(pipeline, LaunchConfig(experiments_dir=str(tmp_path / "home")), echo=lines.append) == 0, \
+        "\n".join(lines[-30:])
+    assert pipeline.pretrain.parallel.tp == 2  # two CPU processes here (one GPU: world size 1)
+    for stage in ("pretrain", "sft", "dpo", "rm", "rlhf"):
+        metrics = read_metrics(tmp_path / "smoke" / stage)
+        check_loss_curve(f"{stage}_smoke", metrics, TOLERANCE)
+    pretrain = read_metrics(tmp_path / "smoke" / "pretrain")
+    assert pretrain[20]["loss"] < pretrain[1]["loss"] - 2.0
+    assert (tmp_path / "smoke" / "trtllm" / "rank0.safetensors").exists()
