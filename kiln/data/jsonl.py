@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kiln.errors import InputError
 
-SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
+SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 OnBad = Callable[[str, str, str], None]  # (where, reason, kind)
 
 

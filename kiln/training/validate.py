@@ -30,8 +30,8 @@ def validate(cfg: PretrainConfig, check: Check | int) -> None:
 def rules(cfg: PretrainConfig, check: Check, problems: Problems) -> None:
     before = len(problems.lines)
     check_ranges(cfg, problems)
-    if len(problems.lines) > before:  # the layout rules below divide by these values
-        return
+    if any(line.startswith(("parallel.", "model.", "train.")) for line in problems.lines[before:]):
+        return  # the layout rules below divide by these values
     layout_rules(cfg, check.world_size, problems)
     schedule_rules(cfg, problems)
     check_output_dir("run_dir", cfg.run_dir, problems)
@@ -145,7 +145,7 @@ def schedule_rules(cfg: PretrainConfig, problems: Problems) -> None:
             f"schedule.wsd_decay_steps={s.wsd_decay_steps} is longer than the steps after warmup "
             f"({decay - s.warmup_steps}): shorten it"
         )
-    if o.min_lr > o.lr:
+    if 0 < o.lr < o.min_lr:
         problems.add(f"optimizer.min_lr={o.min_lr} is above optimizer.lr={o.lr}: the schedule decays from lr to "
                      f"min_lr, so lower min_lr")
 

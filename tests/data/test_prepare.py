@@ -98,3 +98,18 @@ def test_an_output_path_that_is_a_file_is_refused_before_anything_runs(tmp_path)
     (tmp_path / "taken").write_text("not a directory")
     with pytest.raises(ConfigError, match="output_dir=.*taken cannot be created: it is an existing file"):
         prepare(PrepareConfig(inputs=[str(src)], output_dir=str(tmp_path / "taken"), vocab_size=300))
+
+
+def test_a_directory_input_reads_its_jsonl_shards_only(tmp_path):
+    """What a pipeline links from curate: its output directory, whose report and manifest are JSON
+    files but not documents."""
+    shards = tmp_path / "curated"
+    shards.mkdir()
+    write_jsonl(shards / "curated_00001.jsonl", [{"text": t} for t in DOCS])
+    write_jsonl(shards / "curated_00000.jsonl", [{"text": t} for t in reversed(DOCS)])
+    (shards / "curation_report.json").write_text('{"documents_in": 6}')
+    (shards / "kiln.json").write_text("{}")
+    summary = prepare(PrepareConfig(inputs=[str(shards)], output_dir=str(tmp_path / "out"), vocab_size=300))
+    assert summary["documents"] == 6
+    inputs = json.loads((tmp_path / "out" / "kiln.json").read_text())["inputs"]
+    assert [i["path"].rsplit("/", 1)[1] for i in inputs] == ["curated_00000.jsonl", "curated_00001.jsonl"]
