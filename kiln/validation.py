@@ -89,6 +89,16 @@ def check_ranges(cfg, problems: Problems, prefix: str = "") -> None:
                 problems.add(f"{path}={value!r} must be {domain}")
 
 
+def check_inputs(field_name: str, paths: list | str, what: str, check: Check, problems: Problems) -> None:
+    """Input paths that exist, or that an earlier stage of the pipeline writes; `what` is the fix."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    if not any(paths):
+        problems.add(f"{field_name} is empty: give {what}")
+    for path in filter(None, paths):
+        if not check.will_exist(path):
+            check.missing(problems, f"{field_name}: {path} does not exist: give {what}")
+
+
 def check_output_dir(field_name: str, path: str, problems: Problems) -> None:
     """An output directory kiln will create: it may exist as a directory, never as a file."""
     if not path:

@@ -21,19 +21,15 @@ from kiln.config import ConvertConfig
 from kiln.conversion import hf, megatron, nemo
 from kiln.conversion.source import DTYPES, Model, common_state, megatron_chunks, open_source, total_bytes, write_hf
 from kiln.conversion.verify import compare, hf_logits, megatron_logits, sample_tokens
-from kiln.validation import Check, Problems, check_output_dir, check_ranges, ensure_valid
+from kiln.validation import Check, Problems, check_inputs, check_output_dir, check_ranges, ensure_valid
 
 VERIFY_DEFAULT_MAX_PARAMS = 2_000_000_000  # above this, --verify must be asked for (it loads both models)
 
 
 def validate(cfg: ConvertConfig, check: Check, problems: Problems) -> None:
     check_ranges(cfg, problems)
-    if not cfg.source:
-        problems.add("source is empty: give the checkpoint or model directory to read")
-    elif not check.will_exist(cfg.source):
-        check.missing(problems,
-                      f"source={cfg.source!r} does not exist: give an HF directory, a kiln run or checkpoint "
-                     f"directory, a NeMo 2 directory or a .nemo file")
+    check_inputs("source", cfg.source, "an HF directory, a kiln run or checkpoint directory, a NeMo 2 directory "
+                 "or a .nemo file", check, problems)
     out = Path(cfg.output or "")
     if cfg.to == "nemo":
         if out.suffix != ".nemo":

@@ -26,19 +26,15 @@ from kiln.bootstrap import interactive
 from kiln.config import CurateConfig
 from kiln.curation import dedup
 from kiln.curation.io import BadInput, Document, read_documents, write_shards
-from kiln.validation import Check, Problems, check_output_dir, check_ranges, ensure_valid
+from kiln.validation import Check, Problems, check_inputs, check_output_dir, check_ranges, ensure_valid
 
 CHUNK = 512  # documents per worker task
 
 
 def validate(cfg: CurateConfig, check: Check, problems: Problems) -> None:
     check_ranges(cfg, problems)
-    if not cfg.inputs:
-        problems.add("inputs is empty: give JSONL (.jsonl, .gz, .zst), Parquet, WARC or HTML files")
-    for path in cfg.inputs:
-        if not check.will_exist(path):
-            check.missing(problems,
-                          f"inputs: {path} does not exist: give a raw file or a directory of them")
+    check_inputs("inputs", cfg.inputs, "JSONL (.jsonl, .gz, .zst), Parquet, WARC or HTML files, or directories "
+                 "of them", check, problems)
     for name in ("max_top_ngram_ratios", "max_duplicate_ngram_ratios"):
         for n, ratio in getattr(cfg.filters, name).items():
             if not str(n).isdigit() or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:

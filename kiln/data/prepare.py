@@ -19,7 +19,7 @@ from kiln.config import PrepareConfig
 from kiln.data import jsonl
 from kiln.data import tokenizer as tok
 from kiln.errors import InputError
-from kiln.validation import Check, Problems, check_output_dir, check_ranges, ensure_valid
+from kiln.validation import Check, Problems, check_inputs, check_output_dir, check_ranges, ensure_valid
 
 
 def read_texts(paths: list[str], field: str) -> Iterator[str]:
@@ -47,13 +47,8 @@ def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
 
 def validate(cfg: PrepareConfig, check: Check, problems: Problems) -> None:
     check_ranges(cfg, problems)
-    if not cfg.inputs:
-        problems.add("inputs is empty: give one or more JSONL files (or directories of them) with a text field")
-    for path in cfg.inputs:
-        if not check.will_exist(path):
-            check.missing(problems,
-                          f"inputs: {path} does not exist: give a JSONL file (.jsonl, .gz, .zst) or a directory "
-                         f"of them")
+    check_inputs("inputs", cfg.inputs, "JSONL files (.jsonl, .gz, .zst) with a text field, or directories of them",
+                 check, problems)
     if cfg.tokenizer and not check.will_exist(cfg.tokenizer):
         check.missing(problems,
                       f"tokenizer={cfg.tokenizer} does not exist: give a Hugging Face tokenizer directory, or leave "

@@ -24,7 +24,7 @@ from kiln.config import ExportConfig
 from kiln.conversion.safetensors_io import Entry, StreamWriter
 from kiln.conversion.source import DTYPES, Model, open_source
 from kiln.errors import ConfigError
-from kiln.validation import Check, Problems, check_output_dir, check_ranges, ensure_valid
+from kiln.validation import Check, Problems, check_inputs, check_output_dir, check_ranges, ensure_valid
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # The TensorRT-LLM release build.sh runs in: 1.0.0 is the first stable 1.x with the TensorRT
@@ -232,12 +232,8 @@ def validate(cfg: ExportConfig, check: Check, problems: Problems) -> None:
     """What can be known before reading the source; the model-dependent rules (heads and layers
     against --tp/--pp) are checked when the source is opened, before anything is written."""
     check_ranges(cfg, problems)
-    if not cfg.source:
-        problems.add("source is empty: give the checkpoint or model directory to read")
-    elif not check.will_exist(cfg.source):
-        check.missing(problems,
-                      f"source={cfg.source!r} does not exist: give an HF directory, a kiln checkpoint, a NeMo 2 "
-                     f"directory or a .nemo file")
+    check_inputs("source", cfg.source, "an HF directory, a kiln checkpoint, a NeMo 2 directory or a .nemo file",
+                 check, problems)
     check_output_dir("output", cfg.output, problems)
     if cfg.to == "trtllm" and cfg.verify and cfg.dtype != "float32":
         problems.add("--verify compares logits within 1e-4, which needs --dtype float32 (verify, dtype)")

@@ -30,58 +30,42 @@ TRAINING_CHAIN = {
 }
 
 
+def _chain(name: str, root: str, model, tuned: list, export_tp: int, **front) -> PipelineConfig:
+    """The stages after the data: `model` pretrains, `tuned` (SFT, DPO, RM, RLHF) post-train, then
+    HF and a TensorRT-LLM checkpoint (fp32, checked); every run directory under `root`."""
+    model.run_dir = f"{root}/pretrain"
+    for cfg in tuned:
+        cfg.run_dir = f"{root}/{cfg.run_dir.rsplit('/', 1)[-1]}"
+    sft, dpo, rm, rlhf = tuned
+    return PipelineConfig(
+        name=name, **front, pretrain=model, sft=sft, dpo=dpo, rm=rm, rlhf=rlhf,
+        convert=ConvertConfig(output=f"{root}/hf", to="hf"),
+        export=ExportConfig(output=f"{root}/trtllm", tp=export_tp, dtype="float32"),
+        links=dict(TRAINING_CHAIN),
+    )
+
+
 def tiny(root: str = "runs/demo") -> PipelineConfig:
     """The shipped demo corpus -> curated (normalized, filtered, deduplicated) -> tokenized
     dataset -> the tiny Llama -> SFT on chat data -> DPO -> a reward model -> GRPO against it ->
     a Hugging Face directory -> a TensorRT-LLM checkpoint (TP=2), each conversion checked by
     logits; CPU, minutes."""
-    model = pretrain.tiny()
-    model.run_dir = f"{root}/pretrain"
-    tuned = [posttrain.sft_tiny(), posttrain.dpo_tiny(), posttrain.rm_tiny(), posttrain.rlhf_tiny()]
-    for cfg in tuned:
-        cfg.run_dir = f"{root}/{cfg.run_dir.rsplit('/', 1)[-1]}"
-    sft, dpo, rm, rlhf = tuned
     curate = CurateConfig(inputs=["data/demo/corpus.jsonl"], output_dir=f"{root}/curated")
     # the demo corpus comes from a small grammar: its repeated n-grams are by design, not boilerplate
     curate.filters.max_top_ngram_ratios = {}
     curate.filters.max_duplicate_ngram_ratios = {}
-    return PipelineConfig(
-        name="tiny",
-        curate=curate,
-        prepare=PrepareConfig(output_dir=f"{root}/data", vocab_size=2048),
-        pretrain=model,
-        sft=sft,
-        dpo=dpo,
-        rm=rm,
-        rlhf=rlhf,
-        convert=ConvertConfig(output=f"{root}/hf", to="hf"),
-        export=ExportConfig(output=f"{root}/trtllm", tp=2, dtype="float32"),
-        links=dict(TRAINING_CHAIN),
-    )
+    tuned = [posttrain.sft_tiny(), posttrain.dpo_tiny(), posttrain.rm_tiny(), posttrain.rlhf_tiny()]
+    return _chain("tiny", root, pretrain.tiny(), tuned, export_tp=2, curate=curate,
+                  prepare=PrepareConfig(output_dir=f"{root}/data", vocab_size=2048))
 
 
 def smoke(root: str = "runs/smoke") -> PipelineConfig:
     """Every stage in CI-sized steps on ONE GPU, or on the CPU (pretraining as TP=2 on two
     processes): prepare -> pretrain -> SFT -> DPO -> reward model -> GRPO -> HF -> TensorRT-LLM.
     On the CPU each training stage must reproduce its reference curve (tests/assets/losses/)."""
-    model = pretrain.smoke()
-    model.run_dir = f"{root}/pretrain"
     tuned = [posttrain.sft_smoke(), posttrain.dpo_smoke(), posttrain.rm_smoke(), posttrain.rlhf_smoke()]
-    for cfg in tuned:
-        cfg.run_dir = f"{root}/{cfg.run_dir.rsplit('/', 1)[-1]}"
-    sft, dpo, rm, rlhf = tuned
-    return PipelineConfig(
-        name="smoke",
-        prepare=PrepareConfig(inputs=["data/demo/corpus.jsonl"], output_dir=f"{root}/data", vocab_size=2048),
-        pretrain=model,
-        sft=sft,
-        dpo=dpo,
-        rm=rm,
-        rlhf=rlhf,
-        convert=ConvertConfig(output=f"{root}/hf", to="hf"),
-        export=ExportConfig(output=f"{root}/trtllm", tp=1, dtype="float32"),
-        links=dict(TRAINING_CHAIN),
-    )
+    prepare = PrepareConfig(inputs=["data/demo/corpus.jsonl"], output_dir=f"{root}/data", vocab_size=2048)
+    return _chain("smoke", root, pretrain.smoke(), tuned, export_tp=1, prepare=prepare)
 
 
 RECIPES = {"tiny": tiny, "smoke": smoke}
