@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.kiln-installed
 PYTHON  ?= python3
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' kiln/__init__.py)
 
-.PHONY: setup demo test test-fast lint bench image gpu-check clean
+.PHONY: setup demo test test-fast lint bench image gpu-check nemo-env clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,curate]'
 	touch $(STAMP)
+
+# NeMo 2.7.3 in its own venv, for the interop tests that run NeMo's own importer and exporter
+# (tests/conversion/test_nemo_interop.py calls this; reused once installed; never mixed into .venv)
+NEMO_VENV  := .venv-nemo
+NEMO_PINS  := tests/conversion/nemo-env.txt
+
+nemo-env: $(NEMO_VENV)/.installed
+
+$(NEMO_VENV)/.installed: $(NEMO_PINS)
+	@start=$$(date +%s); \
+	rm -rf $(NEMO_VENV) && $(PYTHON) -m venv $(NEMO_VENV) && \
+	$(NEMO_VENV)/bin/pip install -q torch==2.13.0 && \
+	$(NEMO_VENV)/bin/pip install -q --no-deps -r $(NEMO_PINS) && \
+	touch $@ && echo "nemo-env: NeMo 2.7.3 installed in $$(( $$(date +%s) - start )) s"
 
 demo: setup
 	$(KILN) pipeline run tiny

@@ -19,7 +19,16 @@ from kiln.artifact import atomic_dir, checkpoint_name, checkpoints_dir, mark_lat
 from kiln.bootstrap import interactive
 from kiln.config import ConvertConfig
 from kiln.conversion import hf, megatron, nemo
-from kiln.conversion.source import DTYPES, Model, common_state, megatron_chunks, open_source, total_bytes, write_hf
+from kiln.conversion.source import (
+    DTYPES,
+    Model,
+    common_state,
+    megatron_chunks,
+    open_source,
+    total_bytes,
+    untied,
+    write_hf,
+)
 from kiln.conversion.verify import compare, hf_logits, megatron_logits, sample_tokens
 from kiln.validation import Check, Problems, check_inputs, check_output_dir, check_ranges, ensure_valid
 
@@ -64,9 +73,11 @@ def convert(cfg: ConvertConfig) -> dict:
             megatron.write(ckpt_dir / checkpoint_name(0), megatron_chunks(model, "", dtype, advance),
                            common_state(model, tok))
             mark_latest(ckpt_dir, checkpoint_name(0))
-        elif cfg.to == "nemo2":
-            nemo.write_nemo2(tmp, model, megatron_chunks(model, nemo.NEMO2_PREFIX, dtype, advance),
-                             common_state(model, None))
+        elif cfg.to == "nemo2":  # NeMo's Qwen2/Mistral importers untie, and their exporters need the output layer
+            nemo_model = untied(model) if model.model_type in nemo.UNTIED_FAMILIES else model
+            chunks = megatron_chunks(nemo_model, nemo.NEMO2_PREFIX, dtype, advance, unpadded=True)
+            nemo.write_nemo2(tmp, nemo_model, chunks, common_state(nemo_model, None), model.config.vocab_size,
+                             str(dtype).removeprefix("torch."))
         else:
             nemo.write_nemo_archive(tmp, model, megatron_chunks(model, nemo.NEMO1_PREFIX, dtype, advance),
                                     common_state(model, None))

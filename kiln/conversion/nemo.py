@@ -1,8 +1,9 @@
 """NeMo checkpoint layouts, written and read by kiln (see kiln/conversion/README.md for sources).
 
-- NeMo 2 directory: `context/` (the model config as `model.yaml`, the tokenizer in
-  `nemo_tokenizer/`) and `weights/`, a megatron-core torch_dist checkpoint whose keys carry the
-  Lightning wrapper's `module.` prefix.
+- NeMo 2 directory: `context/` (`io.json`, which NeMo's `load_context` rebuilds the model from,
+  `model.yaml`, the tokenizer in `nemo_tokenizer/`; see kiln.conversion.nemo_context) and
+  `weights/`, a megatron-core torch_dist checkpoint whose keys carry the Lightning wrapper's
+  `module.` prefix.
 - `.nemo` archive (NeMo 1 / NeMo-Aligner era): a tar of `model_config.yaml` (MegatronGPTModel's
   config) and `model_weights/`, a torch_dist checkpoint whose keys carry the `model.` prefix.
 
@@ -21,12 +22,13 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from kiln.config import ModelConfig
-from kiln.conversion import dcp, hf, megatron
+from kiln.conversion import dcp, hf, megatron, nemo_context
 from kiln.errors import NemoFormatError
 
 NEMO2_PREFIX = "module."
 NEMO1_PREFIX = "model."
 ARCHIVE_NAME = "model.nemo"
+UNTIED_FAMILIES = ("qwen2", "mistral")  # NeMo 2.7.3 imports these untied; its exporters need output_layer
 
 
 def nemo1_config(m: ModelConfig) -> dict:
@@ -53,36 +55,24 @@ def nemo1_config(m: ModelConfig) -> dict:
     }
 
 
-def nemo2_config(m: ModelConfig, model_type: str) -> dict:
-    """NeMo 2's GPTConfig fields (megatron-core TransformerConfig naming)."""
-    target = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "gpt2": "GPTConfig"}
-    return {
-        "_target_": f"nemo.collections.llm.{target.get(model_type, 'GPTConfig')}",
-        "num_layers": m.num_layers, "hidden_size": m.hidden_size, "ffn_hidden_size": m.ffn_size,
-        "num_attention_heads": m.num_attention_heads, "num_query_groups": m.heads_kv, "kv_channels": m.head_dim,
-        "seq_length": m.max_position_embeddings, "normalization": m.normalization,
-        "layernorm_epsilon": m.norm_epsilon, "gated_linear_unit": m.activation == "swiglu",
-        "activation_func": {"swiglu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}[m.activation],
-        "position_embedding_type": m.position_embedding, "rotary_base": m.rotary_base,
-        "rotary_percent": m.rotary_percent, "share_embeddings_and_output_weights": m.tie_embeddings,
-        "add_bias_linear": m.add_bias_linear, "add_qkv_bias": m.add_qkv_bias,
-        "make_vocab_size_divisible_by": m.make_vocab_size_divisible_by, "vocab_size": m.vocab_size,
-        "init_method_std": m.init_method_std,
-    }
-
-
-def write_nemo2(out: Path, model, chunks: list[dcp.Chunk], common: dict) -> None:
+def write_nemo2(out: Path, model, chunks: list[dcp.Chunk], common: dict, vocab_rows: int, dtype: str) -> None:
+    """NeMo 2's layout as its own importer writes it: `context/` (io.json, model.yaml, the tokenizer in
+    nemo_tokenizer/) and `weights/` (the vocabulary unpadded)."""
     context = out / "context"
     context.mkdir(parents=True)
-    (context / "model.yaml").write_text(yaml.safe_dump(nemo2_config(model.config, model.model_type), sort_keys=False))
-    hf.copy_tokenizer(model.tokenizer, _mkdir(context / "nemo_tokenizer"))
+    nemo_context.write_context(context, model.config, model.model_type, vocab_rows, dtype)
+    hf.copy_tokenizer(model.tokenizer, _mkdir(context / nemo_context.TOKENIZER_DIR))
     megatron.write(out / "weights", chunks, common)
 
 
 def open_nemo2(path: Path):
-    reader, common = megatron.open_checkpoint(path / "weights")
-    tokenizer = path / "context" / "nemo_tokenizer"
-    return reader, common, str(tokenizer) if (tokenizer / "tokenizer.json").exists() else None
+    """A reader of a NeMo 2 checkpoint's weights, its model config (from context/model.yaml: NeMo's
+    own checkpoints carry no kiln state) and its tokenizer directory if it has one."""
+    reader, _ = megatron.open_checkpoint(path / "weights")
+    rows = reader.shape(NEMO2_PREFIX + "embedding.word_embeddings.weight")[0]
+    config = nemo_context.read_model_config(path / "context", rows)
+    tokenizer = path / "context" / nemo_context.TOKENIZER_DIR
+    return reader, config, str(tokenizer) if (tokenizer / "tokenizer.json").exists() else None
 
 
 def write_nemo_archive(out: Path, model, chunks: list[dcp.Chunk], common: dict) -> None:

@@ -8,6 +8,7 @@ that uses them (`kiln convert`) is kiln.conversion.convert.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from kiln import overrides
 from kiln.artifact import CHECKPOINTS, LATEST
 from kiln.config import ModelConfig
 from kiln.conversion import dcp, families, hf, megatron, nemo
-from kiln.conversion.mapping import Param
+from kiln.conversion.mapping import GateUp, PaddedVocab, Param
 from kiln.conversion.safetensors_io import Entry
 from kiln.errors import ConfigError
 from kiln.training.shapes import global_shapes
@@ -112,32 +113,38 @@ def _megatron_shapes(params, m: ModelConfig, padded: int, hf_shape, source) -> d
     return shapes
 
 
-def open_megatron(reader: dcp.Reader, common: dict, prefix: str, describe: str, tokenizer: str | None) -> Model:
-    state = common.get("kiln", {})
-    if "model" not in state:
-        raise megatron.MegatronFormatError(
-            f"{describe}: its common.pt records no model config (written by a kiln older than conversion, or by "
-            f"another tool); convert from a checkpoint written by `kiln pretrain` or `kiln convert`"
-        )
-    m = overrides.from_dict(ModelConfig, state["model"])
-    model_type = state.get("hf_model_type") or families.model_type_for(m)
+def open_megatron(reader: dcp.Reader, common: dict, prefix: str, describe: str, tokenizer: str | None,
+                  config: tuple[ModelConfig, str] | None = None) -> Model:
+    """A Megatron-layout checkpoint; its model config is kiln's state in common.pt unless `config`
+    (model, HF model_type) is given."""
+    if config is None:
+        state = common.get("kiln", {})
+        if "model" not in state:
+            raise megatron.MegatronFormatError(
+                f"{describe}: its common.pt records no model config (written by a kiln older than conversion, or "
+                f"by another tool); convert from a checkpoint written by `kiln pretrain` or `kiln convert`"
+            )
+        m = overrides.from_dict(ModelConfig, state["model"])
+        config = (m, state.get("hf_model_type") or families.model_type_for(m))
+        tokenizer = tokenizer or state.get("tokenizer")
+    m, model_type = config
     family = families.for_model_type(model_type, describe)
     padded = reader.shape(prefix + "embedding.word_embeddings.weight")[0]
     params = family.params(m, padded)
-    expected = {prefix + p.megatron for p in params}
     present = {k for k in reader.tensor_keys() if not k.startswith(prefix + "optimizer.") and
                not k.startswith("optimizer.")}
-    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    stored = {p.megatron: prefix + p.megatron for p in params}
+    missing, unexpected = sorted(set(stored.values()) - present), sorted(present - set(stored.values()))
     if missing or unexpected:
         raise megatron.MegatronFormatError(f"{describe}: tensors do not match its model config: missing "
                                            f"{missing[:4] or 'none'}, unexpected {unexpected[:4] or 'none'}")
 
     def read(key, layer=None):
-        return reader.read(prefix + key, layer)
+        return reader.read(stored[key], layer)
 
-    shape = lambda key: reader.shape(prefix + key)  # noqa: E731
-    dtype = reader.dtype(prefix + params[0].megatron)
-    return Model(m, model_type, params, read, shape, dtype, tokenizer or state.get("tokenizer"), describe)
+    shape = lambda key: reader.shape(stored[key])  # noqa: E731
+    dtype = reader.dtype(stored[params[0].megatron])
+    return Model(m, model_type, params, read, shape, dtype, tokenizer, describe)
 
 
 def open_source(path: Path, tp: int, tokenizer: str | None) -> Model:
@@ -148,30 +155,62 @@ def open_source(path: Path, tp: int, tokenizer: str | None) -> Model:
         reader, common = megatron.open_checkpoint(path)
         return open_megatron(reader, common, "", f"Megatron checkpoint {reader.path}", tokenizer)
     if kind == "nemo2":
-        reader, common, tok = nemo.open_nemo2(path)
-        return open_megatron(reader, common, nemo.NEMO2_PREFIX, f"NeMo 2 checkpoint {path}", tokenizer or tok)
+        reader, config, tok = nemo.open_nemo2(path)
+        return open_megatron(reader, {}, nemo.NEMO2_PREFIX, f"NeMo 2 checkpoint {path}", tokenizer or tok, config)
     reader, common, tok = nemo.open_nemo_archive(path)
     return open_megatron(reader, common, nemo.NEMO1_PREFIX, f".nemo archive {path}", tokenizer or tok)
 
 
-def megatron_chunks(model: Model, prefix: str, dtype: torch.dtype, progress) -> list[dcp.Chunk]:
+def megatron_chunks(model: Model, prefix: str, dtype: torch.dtype, progress, unpadded: bool = False) -> list[dcp.Chunk]:
+    """The checkpoint's chunks as megatron-core saves them: stacked layers one chunk each, SwiGLU's
+    linear_fc1 as its gate and up halves. `unpadded`: vocabulary tables cut to the vocabulary
+    (NeMo's importer never pads)."""
     chunks = []
     for p in model.params:
         shape = model.shape(p.megatron)
         key = prefix + p.megatron
+        rows = model.config.vocab_size if unpadded and isinstance(p.transform, PaddedVocab) else None
+        if rows is not None:
+            shape = (rows,) + shape[1:]
 
-        def produce(key=p.megatron, layer=None):
+        last: dict = {}  # the layer just read: SwiGLU's two halves are two chunks of one read
+
+        def produce(key=p.megatron, layer=None, rows=rows, last=last):
+            if layer is not None and last.get("layer") == layer:
+                return last["tensor"]
             tensor = model.read(key, layer).to(dtype)
+            tensor = tensor[:rows] if rows is not None else tensor
             progress(tensor.numel() * tensor.element_size())
-            return tensor.unsqueeze(0) if layer is not None else tensor
+            if layer is None:
+                return tensor
+            last.update(layer=layer, tensor=tensor.unsqueeze(0))
+            return last["tensor"]
 
         if p.per_layer:
+            halves = 2 if isinstance(p.transform, GateUp) else 1
+            part = shape[1] // halves
             for layer in range(shape[0]):
-                chunks.append(dcp.Chunk(key, (layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:], shape, dtype,
-                                        lambda layer=layer, produce=produce: produce(layer=layer)))
+                for half in range(halves):
+                    chunks.append(dcp.Chunk(
+                        key, (layer, half * part) + (0,) * (len(shape) - 2), (1, part) + shape[2:], shape, dtype,
+                        lambda layer=layer, lo=half * part, hi=(half + 1) * part, produce=produce:
+                            produce(layer=layer)[:, lo:hi].contiguous()))
         else:
             chunks.append(dcp.Chunk(key, (0,) * len(shape), shape, shape, dtype, produce))
     return chunks + megatron.extra_state_chunks(model.config.num_layers, prefix)
+
+
+def untied(model: Model) -> Model:
+    """The same model with its output layer a copy of its tied embedding."""
+    if not model.config.tie_embeddings:
+        return model
+    config = dataclasses.replace(model.config, tie_embeddings=False)
+    family = families.for_model_type(model.model_type, model.describe)
+    table = "embedding.word_embeddings.weight"
+    source = lambda key: table if key == "output_layer.weight" else key  # noqa: E731
+    return dataclasses.replace(model, config=config, params=family.params(config, model.shape(table)[0]),
+                               read=lambda key, layer=None: model.read(source(key), layer),
+                               shape=lambda key: model.shape(source(key)))
 
 
 def common_state(model: Model, tokenizer: str | None) -> dict:
