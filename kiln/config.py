@@ -244,7 +244,9 @@ class ConvertConfig:
     # the layout the Megatron output is padded for (vocab rows: multiple of 128 x TP)
     tp: int = ranged(1, AT_LEAST_1)
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None keeps the source's
-    verify: bool | None = None  # None: on for models under 2B parameters
+    # layer-by-layer parity (a layer's worth of memory) unless false; end-to-end logits too when true,
+    # or when None and the model is under 2B parameters
+    verify: bool | None = None
     tokenizer: str | None = None  # for Megatron sources without a recorded tokenizer
     max_shard_gb: float = ranged(5.0, POSITIVE)  # HF output shard size
 

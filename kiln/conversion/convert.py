@@ -19,6 +19,7 @@ from kiln.artifact import atomic_dir, checkpoint_name, checkpoints_dir, mark_lat
 from kiln.bootstrap import interactive
 from kiln.config import ConvertConfig
 from kiln.conversion import hf, megatron, nemo
+from kiln.conversion.layerwise import HFSide, MegatronSide, compare_layers, compare_tensors
 from kiln.conversion.source import (
     DTYPES,
     Model,
@@ -58,7 +59,7 @@ def convert(cfg: ConvertConfig) -> dict:
     model = open_source(source, cfg.tp, cfg.tokenizer)
     dtype = DTYPES[cfg.dtype] if cfg.dtype else model.dtype
     n_params = sum(int(torch.Size(model.shape(p.megatron)).numel()) for p in model.params)
-    verify = cfg.verify if cfg.verify is not None else n_params < VERIFY_DEFAULT_MAX_PARAMS
+    logits_check = cfg.verify if cfg.verify is not None else n_params < VERIFY_DEFAULT_MAX_PARAMS
     out = Path(cfg.output)
     tokenizer = model.tokenizer
     staging = out.with_name(out.name + ".staging") if cfg.to == "nemo" else out
@@ -81,9 +82,11 @@ def convert(cfg: ConvertConfig) -> dict:
         else:
             nemo.write_nemo_archive(tmp, model, megatron_chunks(model, nemo.NEMO1_PREFIX, dtype, advance),
                                     common_state(model, None))
-        delta = _verify(model, tmp, cfg.to) if verify else None
+        layers = _verify_layers(model, source, tmp, cfg.to) if cfg.verify is not False else None
+        delta = _verify(model, tmp, cfg.to) if logits_check else None
         summary = {"source": str(source), "to": cfg.to, "parameters": n_params, "dtype": str(dtype),
-                   "max_abs_logit_delta": delta, "verified": verify, "seconds": round(time.time() - started, 2)}
+                   "max_abs_logit_delta": delta, "layer_max_abs_delta": layers, "verified": layers is not None,
+                   "seconds": round(time.time() - started, 2)}
         if cfg.to == "nemo":  # the archive is the artifact; its staging directory goes
             os.replace(tmp / nemo.ARCHIVE_NAME, out)
         else:
@@ -111,6 +114,24 @@ def _verify(source: Model, out: Path, to: str) -> float:
         written = open_source(_written_path(out, to), 1, None)
         candidate = megatron_logits(written.read, written.config, tokens)
     return compare(reference, candidate, f"{source.describe} vs its {to} conversion")
+
+
+def _verify_layers(source: Model, source_path: Path, out: Path, to: str) -> dict[str, float]:
+    """Layer by layer on the same hidden states: transformers' layers for an HF side, megatron-core's
+    for a Megatron or NeMo side; between two Megatron-layout sides (one engine) every tensor of
+    each layer is compared instead. {point: max |delta|} for the manifest."""
+    written = None if to == "hf" else open_source(_written_path(out, to), 1, None)
+    what = f"{source.describe} vs its {to} conversion"
+    if written is not None and not source.describe.startswith("HF "):
+        return compare_tensors(source, written, what)
+    tokens = sample_tokens(source.config.vocab_size)
+    hf_dir = source_path if written is not None else out
+    engine = MegatronSide(*((written.read, written.config) if written is not None else (source.read, source.config)))
+    try:
+        sides = (HFSide(hf_dir), engine) if written is not None else (engine, HFSide(hf_dir))
+        return compare_layers(*sides, tokens, what)
+    finally:
+        engine.close()
 
 
 def _written_path(out: Path, to: str) -> Path:

@@ -29,13 +29,13 @@ def hf_logits(directory, tokens: torch.Tensor) -> torch.Tensor:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(directory), torch_dtype=torch.float32, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True)
     model.eval()
     with torch.no_grad():
         return model(tokens).logits.float()
 
 
-def _single_process_group() -> None:
+def single_process_group() -> None:
     """megatron-core needs process groups even for one process."""
     if torch.distributed.is_initialized():
         return
@@ -54,7 +54,7 @@ def megatron_logits(read: TensorSource, m: ModelConfig, tokens: torch.Tensor) ->
 
     if not torch.cuda.is_available():
         cpu.enable()
-    _single_process_group()
+    single_process_group()
     parallel = ParallelConfig()
     distributed.init_model_parallel(parallel, seed=0)
     try:

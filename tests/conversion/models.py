@@ -12,7 +12,7 @@ ROPE_31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_f
            "original_max_position_embeddings": 32}
 
 
-def build(kind: str, directory: Path, **overrides) -> Path:
+def build(kind: str, directory: Path, std: float = 0.05, **overrides) -> Path:
     from transformers import (
         GPT2Config,
         GPT2LMHeadModel,
@@ -35,7 +35,7 @@ def build(kind: str, directory: Path, **overrides) -> Path:
         model = model_cls(config_cls(**{**LLAMA, "tie_word_embeddings": False, **overrides}))
     with torch.no_grad():  # non-trivial norms and biases, so a mapping mistake shows in the logits
         for p in model.parameters():
-            p.normal_(0, 0.05)
+            p.normal_(0, std)
     model.save_pretrained(directory)
     return directory
 

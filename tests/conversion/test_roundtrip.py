@@ -37,6 +37,9 @@ def test_hf_megatron_hf_is_bitwise_and_logit_exact(models, variant, tmp_path):
     back = convert(ConvertConfig(source=str(tmp_path / "meg"), output=str(tmp_path / "hf"), to="hf"))
     assert to_megatron["verified"] and back["verified"]
     assert to_megatron["max_abs_logit_delta"] <= 1e-4 and back["max_abs_logit_delta"] <= 1e-4
+    for summary in (to_megatron, back):  # transformers' layers vs megatron-core's, one at a time
+        assert list(summary["layer_max_abs_delta"]) == ["embedding", "layer 0", "layer 1", "logits"]
+        assert max(summary["layer_max_abs_delta"].values()) <= 1e-5
     a, b = tensors(source), tensors(tmp_path / "hf")
     if variant == "llama_tied":
         a.pop("lm_head.weight", None)  # a tied head is the embedding, written once
@@ -103,3 +106,29 @@ def test_converted_checkpoint_has_every_key_the_transformer_engine_spec_loads(mo
     assert "decoder.final_layernorm._extra_state" in expected  # TE's norm carries FP8 state
     assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in expected  # the fused norm
     assert expected <= saved, sorted(expected - saved)
+
+
+def test_layer_by_layer_names_the_layer_a_wrong_rope_base_breaks(tmp_path):
+    """The check that runs at every size: a RoPE base read wrong (transformers 5's rope_parameters
+    once was) shows in layer 0's attention, not only in the logits, with one layer in memory."""
+    import dataclasses
+
+    from kiln.conversion.layerwise import HFSide, MegatronSide, compare_layers
+    from kiln.conversion.verify import sample_tokens
+    from kiln.errors import ParityError
+
+    kind, overrides = VARIANTS["llama31_rope_scaling"]
+    directory = build(kind, tmp_path / "hf", std=0.3, **overrides)  # attention sharp enough for RoPE to matter
+    source, hf_side = open_source(directory, 1, None), HFSide(directory)
+    for base, breaks in ((source.config.rotary_base, None), (10000, "layer 0")):
+        engine = MegatronSide(source.read, dataclasses.replace(source.config, rotary_base=base))
+        try:
+            if breaks is None:
+                deltas = compare_layers(hf_side, engine, sample_tokens(1000), "same model")
+                assert max(deltas.values()) <= 1e-5
+            else:
+                with pytest.raises(ParityError, match=breaks):
+                    compare_layers(hf_side, engine, sample_tokens(1000), "wrong base")
+        finally:
+            engine.close()
+        assert all(p.device.type == "meta" for p in hf_side.model.parameters())  # released after each use
