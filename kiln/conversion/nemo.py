@@ -31,10 +31,11 @@ ARCHIVE_NAME = "model.nemo"
 UNTIED_FAMILIES = ("qwen2", "mistral")  # NeMo 2.7.3 imports these untied; its exporters need output_layer
 
 
-def nemo1_config(m: ModelConfig) -> dict:
-    """MegatronGPTModel's config fields for this model (NeMo 1 naming)."""
-    return {
-        "mcore_gpt": True, "precision": "bf16", "dist_ckpt_format": "torch_dist",
+def nemo1_config(m: ModelConfig, rows: int, tokenizer: str | None) -> dict:
+    """MegatronGPTModel's config (NeMo 1 naming) as NeMo-Aligner 0.7.0's loader needs it (requirements
+    and their sources: kiln/conversion/README.md; checked one by one in tests/conversion/test_roundtrip.py)."""
+    config = {
+        "mcore_gpt": True, "transformer_engine": True, "precision": "bf16", "dist_ckpt_format": "torch_dist",
         "micro_batch_size": 1, "global_batch_size": 1,
         "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
         "encoder_seq_length": m.max_position_embeddings, "max_position_embeddings": m.max_position_embeddings,
@@ -46,13 +47,24 @@ def nemo1_config(m: ModelConfig) -> dict:
         "layernorm_epsilon": m.norm_epsilon, "bias": m.add_bias_linear, "qkv_bias": m.add_qkv_bias,
         "activation": {"swiglu": "fast-swiglu", "gelu": "gelu", "gelu_tanh": "gelu"}[m.activation],
         "openai_gelu": m.activation == "gelu_tanh",
+        # megatron-core fuses only gelu and swiglu with the bias; openai_gelu must not be fused
+        "bias_activation_fusion": m.activation != "gelu_tanh",
         "position_embedding_type": m.position_embedding, "rotary_base": m.rotary_base,
         "rotary_percentage": m.rotary_percent, "scale_positional_embedding": m.rope_scaling is not None,
         "share_embeddings_and_output_weights": m.tie_embeddings,
-        "make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
+        # the table's rows exactly: NeMo would otherwise pad len(tokenizer) for its own TP
+        "make_vocab_size_divisible_by": m.make_vocab_size_divisible_by, "override_vocab_size": rows,
         "apply_query_key_layer_scaling": False,
-        "tokenizer": {"library": "huggingface", "type": "nemo:tokenizer", "use_fast": True},
+        # NeMo 1 reads an HF tokenizer only by name or directory (`type`), never from inside the archive
+        "tokenizer": {"library": "huggingface", "type": str(Path(tokenizer).resolve()) if tokenizer else None,
+                      "use_fast": True},
+        "optim": {"name": "fused_adam", "lr": 1.0e-5},  # MegatronBaseModel reads optim.name at construction
     }
+    if m.rope_scaling is not None:
+        s = m.rope_scaling
+        config.update(scale_factor=s.factor, low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                      old_context_len=s.original_max_position_embeddings)
+    return config
 
 
 def write_nemo2(out: Path, model, chunks: list[dcp.Chunk], common: dict, vocab_rows: int, dtype: str) -> None:
@@ -79,7 +91,9 @@ def write_nemo_archive(out: Path, model, chunks: list[dcp.Chunk], common: dict) 
     """`out/model.nemo`, built from a staging directory beside it."""
     staging = out / "staging"
     staging.mkdir(parents=True)
-    (staging / "model_config.yaml").write_text(yaml.safe_dump(nemo1_config(model.config), sort_keys=False))
+    rows = model.shape("embedding.word_embeddings.weight")[0]
+    config = nemo1_config(model.config, rows, model.tokenizer)
+    (staging / "model_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     hf.copy_tokenizer(model.tokenizer, _mkdir(staging / "tokenizer"))
     megatron.write(staging / "model_weights", chunks, common)
     with tarfile.open(out / ARCHIVE_NAME, "w") as tar:

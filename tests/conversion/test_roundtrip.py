@@ -132,3 +132,47 @@ def test_layer_by_layer_names_the_layer_a_wrong_rope_base_breaks(tmp_path):
         finally:
             engine.close()
         assert all(p.device.type == "meta" for p in hf_side.model.parameters())  # released after each use
+
+
+@pytest.mark.parametrize("variant", ["llama31_rope_scaling", "gpt2"])
+def test_nemo_archive_meets_each_requirement_of_nemo_aligners_loader(models, variant, tmp_path):
+    """NeMo-Aligner 0.7.0 restores its policy through NeMo's NLPSaveRestoreConnector and
+    MegatronGPTModel (requirements read from their sources: kiln/conversion/README.md)."""
+    import json
+    import tarfile
+
+    import yaml
+
+    out = tmp_path / "model.nemo"
+    convert(ConvertConfig(source=str(models[variant]), output=str(out), to="nemo", tp=2))
+    with tarfile.open(out, "r:") as tar:  # plain tar; no absolute, escaping or linked member
+        members = {m.name: m for m in tar.getmembers()}
+        assert all(not n.startswith("/") and ".." not in n.split("/") and not (m.issym() or m.islnk())
+                   for n, m in members.items())
+        cfg = yaml.safe_load(tar.extractfile("./model_config.yaml"))
+        tar.extractall(tmp_path / "x", filter="data")
+    assert members["./model_weights"].isdir() and not any("model_weights.ckpt" in n or "mp_rank_" in n
+                                                            for n in members)
+    weights = tmp_path / "x" / "model_weights"
+    assert json.loads((weights / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
+    torch.load(weights / "common.pt", weights_only=True)
+    reader = dcp.Reader(weights)
+    assert all(k.startswith("model.") for k in reader.tensor_keys())
+    assert reader.shape("model.decoder.layers.self_attention.linear_qkv.weight")[0] == cfg["num_layers"]
+    assert cfg["mcore_gpt"] is True and cfg["optim"]["name"]
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "encoder_seq_length"):
+        assert cfg[key], key
+    assert cfg["normalization"] != "rmsnorm" or cfg["transformer_engine"] is True  # apex's norm is LayerNorm only
+    tokenizer = cfg["tokenizer"]  # by directory, never a `nemo:` member NeMo 1 cannot resolve for HF tokenizers
+    assert not any(str(v).startswith("nemo:") for v in tokenizer.values())
+    assert tokenizer["library"] == "huggingface" and tokenizer["type"] == str(models[variant].resolve())
+    rows = reader.shape("model.embedding.word_embeddings.weight")[0]
+    assert rows == cfg["override_vocab_size"] and rows % 2 == 0  # the table as written, loadable at TP 2
+    hf_config = json.loads((models[variant] / "config.json").read_text())
+    if variant == "gpt2":  # megatron-core fuses only gelu and swiglu with the bias
+        assert cfg["openai_gelu"] and cfg["bias_activation_fusion"] is False
+    else:
+        scaling = hf_config.get("rope_scaling") or hf_config["rope_parameters"]
+        assert (cfg["scale_factor"], cfg["low_freq_factor"], cfg["high_freq_factor"], cfg["old_context_len"]) == (
+            scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"],
+            scaling["original_max_position_embeddings"])
