@@ -41,8 +41,8 @@ lint: setup
 	$(VENV)/bin/ruff check kiln tests benchmarks tools
 	$(VENV)/bin/lint-imports  # layers import downwards only, no import cycles (pyproject.toml)
 
-# the whole suite: real process groups, a real Slurm and Ray (~20 min on 2 cores)
-test: lint
+# the whole suite: real process groups, a real Slurm and Ray, NeMo's own code in its own venv
+test: lint nemo-env
 	$(VENV)/bin/pytest -q
 
 # the inner loop: unit tests and single-process checks, nothing launched (< 3 min)

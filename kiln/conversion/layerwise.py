@@ -18,7 +18,7 @@ import torch
 
 from kiln.config import ModelConfig, ParallelConfig
 from kiln.conversion import hf
-from kiln.conversion.verify import TensorSource, single_process_group
+from kiln.conversion.verify import TensorSource, one_process_engine
 from kiln.errors import ParityError
 
 TOLERANCE = 1e-4  # of max(1, the reference's largest |value|) at that point
@@ -98,15 +98,11 @@ class MegatronSide:
         from megatron.core.dist_checkpointing.dict_utils import nested_values
         from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
-        from kiln.training import cpu, distributed
         from kiln.training.model import build_gpt, transformer_config
 
-        if not torch.cuda.is_available():
-            cpu.enable()
-        single_process_group()
+        self._engine = one_process_engine()
+        self._engine.__enter__()
         parallel = ParallelConfig()
-        distributed.init_model_parallel(parallel, seed=0)
-        self._destroy = distributed.destroy_model_parallel
         one = dataclasses.replace(m, num_layers=1)
         self.gpt = build_gpt(one, parallel, transformer_config(one, parallel, "fp32"))
         self.gpt.eval()
@@ -121,7 +117,7 @@ class MegatronSide:
                     _fill(sh, read(sh.key, None))
 
     def close(self) -> None:
-        self._destroy()
+        self._engine.__exit__(None, None, None)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)

@@ -7,6 +7,7 @@ not an assumption of kiln's. The HF side is transformers' model loaded from the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -35,29 +36,38 @@ def hf_logits(directory, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits.float()
 
 
-def single_process_group() -> None:
-    """megatron-core needs process groups even for one process."""
-    if torch.distributed.is_initialized():
-        return
+@contextlib.contextmanager
+def one_process_engine():
+    """megatron-core's model-parallel groups for a one-process forward, released afterwards. Each
+    gloo group keeps a polling thread until it is destroyed: a process that converted many
+    checkpoints (the test suite) had gathered 1,500 such threads, a hundred of them busy."""
+    from kiln.training import cpu, distributed
     from kiln.training.distributed import free_port
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    if not torch.cuda.is_available():
+        cpu.enable()
+    created = not torch.distributed.is_initialized()
+    if created:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                             world_size=1)
+    distributed.init_model_parallel(ParallelConfig(), seed=0)
+    try:
+        yield
+    finally:
+        distributed.destroy_model_parallel()
+        if created:
+            torch.distributed.destroy_process_group()  # every group this created, with its threads
 
 
 def megatron_logits(read: TensorSource, m: ModelConfig, tokens: torch.Tensor) -> torch.Tensor:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
-    from kiln.training import cpu, distributed
     from kiln.training.model import build_gpt, transformer_config
 
-    if not torch.cuda.is_available():
-        cpu.enable()
-    single_process_group()
     parallel = ParallelConfig()
-    distributed.init_model_parallel(parallel, seed=0)
-    try:
+    with one_process_engine():
         model = build_gpt(m, parallel, transformer_config(m, parallel, "fp32"))
         sharded = model.sharded_state_dict()
         apply_factories(sharded)  # SwiGLU's fc1 becomes its gate and up halves, views of the weight
@@ -69,8 +79,6 @@ def megatron_logits(read: TensorSource, m: ModelConfig, tokens: torch.Tensor) ->
             positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
             logits = model(tokens, positions, None)
         return logits[..., : m.vocab_size].float()
-    finally:
-        distributed.destroy_model_parallel()
 
 
 def _fill(sh, read: TensorSource) -> None:

@@ -20,8 +20,10 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from kiln.config import ConvertConfig
 from kiln.conversion.convert import convert
+from kiln.conversion.source import open_source
 from kiln.errors import NemoFormatError
 from tests.conftest import ROOT
+from tests.conversion.models import build
 
 pytestmark = pytest.mark.slow
 NEMO_PYTHON = ROOT / ".venv-nemo" / "bin" / "python"
@@ -96,6 +98,19 @@ def test_kiln_reads_what_nemos_importer_wrote(sources, tmp_path):
         for key in ("rope_theta", "rms_norm_eps", "num_key_value_heads", "vocab_size"):
             assert written.get(key, written.get("rope_parameters", {}).get(key)) == \
                 source_config.get(key, source_config.get("rope_parameters", {}).get(key)), (family, key)
+        # to Megatron: the same tensors as from the HF source, whose conversion trains under TP1/TP2/PP2
+        # (tests/conversion/test_engine.py)
+        convert(ConvertConfig(source=str(checkpoint), output=str(tmp_path / f"meg_{family}"), to="megatron"))
+        convert(ConvertConfig(source=str(hf[family]), output=str(tmp_path / f"meg_hf_{family}"), to="megatron"))
+        via_nemo, via_hf = open_source(tmp_path / f"meg_{family}", 1, None), open_source(
+            tmp_path / f"meg_hf_{family}", 1, None)
+        vocab = via_hf.config.vocab_size  # padding rows may differ: NeMo's divisor leaves none
+        for p in via_hf.params:
+            for layer in (range(via_hf.config.num_layers) if p.per_layer else [None]):
+                a, b = via_nemo.read(p.megatron, layer), via_hf.read(p.megatron, layer)
+                if layer is None and p.megatron != "decoder.final_layernorm.weight":
+                    a, b = a[:vocab], b[:vocab]
+                assert torch.equal(a, b), (family, p.megatron, layer)
     # NeMo imports Mistral v0.1's sliding window; kiln's engine does not model it and says so
     with pytest.raises(NemoFormatError, match="window_size"):
         convert(ConvertConfig(source=str(root / "nemo_mistral_window"), output=str(tmp_path / "window"), to="hf"))
@@ -106,9 +121,16 @@ def test_nemo_loads_and_exports_what_kiln_writes(sources, tmp_path):
     root, hf, imported = sources
     for family in FAMILIES:
         convert(ConvertConfig(source=str(hf[family]), output=str(tmp_path / f"kiln_{family}"), to="nemo2"))
+    # GPT-2: NeMo 2.7.3 has no GPT-2 importer or exporter; its load_context must still rebuild the model
+    convert(ConvertConfig(source=str(build("gpt2", tmp_path / "hf_gpt2")), output=str(tmp_path / "kiln_gpt2"),
+                          to="nemo2"))
     nemo(*(["export", str(tmp_path / f"kiln_{f}"), str(tmp_path / f"back_{f}")] for f in FAMILIES),
-         *(["context", str(tmp_path / f"kiln_{f}"), str(tmp_path / f"kiln_{f}.json")] for f in FAMILIES),
+         *(["context", str(tmp_path / f"kiln_{f}"), str(tmp_path / f"kiln_{f}.json")] for f in (*FAMILIES, "gpt2")),
          *(["context", str(imported[f]), str(tmp_path / f"nemo_{f}.json")] for f in imported))
+    gpt2 = json.loads((tmp_path / "kiln_gpt2.json").read_text())
+    assert (gpt2["config_class"], gpt2["position_embedding_type"], gpt2["normalization"], gpt2["activation_func"],
+            gpt2["activation_kwargs"], gpt2["gated_linear_unit"], gpt2["add_bias_linear"]) == (
+        "GPTConfig", "learned_absolute", "LayerNorm", "gelu", {"approximate": "tanh"}, False, True)
     for family in FAMILIES:
         assert_same_tensors(hf[family], tmp_path / f"back_{family}")  # NeMo's exporter gives the source back
     for family in imported:
