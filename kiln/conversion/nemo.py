@@ -72,8 +72,8 @@ def write_nemo2(out: Path, model, chunks: list[dcp.Chunk], common: dict, vocab_r
     nemo_tokenizer/) and `weights/` (the vocabulary unpadded)."""
     context = out / "context"
     context.mkdir(parents=True)
-    nemo_context.write_context(context, model.config, model.model_type, vocab_rows, dtype)
     hf.copy_tokenizer(model.tokenizer, _mkdir(context / nemo_context.TOKENIZER_DIR))
+    nemo_context.write_context(context, model.config, model.model_type, vocab_rows, dtype)
     megatron.write(out / "weights", chunks, common)
 
 

@@ -5,7 +5,7 @@ checkpoint's model from `context/io.json`, fiddle's JSON serialization of a Trai
 (`nemo.lightning.io.pl.TrainerContext`: model, trainer, extra). `context/model.yaml` is the same
 model for people. fiddle's own serializer imports every class it names, and NeMo cannot be
 installed beside kiln's pins, so kiln writes fiddle's JSON format (version 0.0.1) itself: a few
-Config/Partial objects with their traverser metadata, each object carrying the `<root>...` paths
+Config objects with their traverser metadata, each object carrying the `<root>...` paths
 NeMo's `load_context(subpath=...)` looks objects up by. NeMo 2.7.3 reads it in
 tests/conversion/test_nemo_interop.py.
 
@@ -39,11 +39,10 @@ DTYPES = {"float32": "torch.float32", "bfloat16": "torch.bfloat16", "float16": "
 
 @dataclass
 class Call:
-    """A fiddle Config (or Partial) of `target` with keyword arguments."""
+    """A fiddle Config of `target` with keyword arguments."""
 
     target: str
     kwargs: dict = field(default_factory=dict)
-    partial: bool = False
 
 
 @dataclass
@@ -63,8 +62,9 @@ def nemo_divisor(vocab: int) -> int:
 
 def config_call(m: ModelConfig, model_type: str, vocab_rows: int, dtype: str) -> Call:
     """NeMo's config class for this model with every field that sets the math."""
+    # GPT-2's tanh GELU as megatron-core's own function (fiddle cannot build a partial of a builtin)
     activation = {"swiglu": Ref("torch.nn.functional.silu"), "gelu": Ref("torch.nn.functional.gelu"),
-                  "gelu_tanh": Call("torch.nn.functional.gelu", {"approximate": "tanh"}, partial=True)}
+                  "gelu_tanh": Ref("megatron.core.transformer.utils.openai_gelu")}
     kwargs = {
         "num_layers": m.num_layers, "hidden_size": m.hidden_size, "ffn_hidden_size": m.ffn_size,
         "num_attention_heads": m.num_attention_heads, "num_query_groups": m.heads_kv, "kv_channels": m.head_dim,
@@ -88,12 +88,12 @@ def config_call(m: ModelConfig, model_type: str, vocab_rows: int, dtype: str) ->
     return Call(target, kwargs)
 
 
-def trainer_context(m: ModelConfig, model_type: str, vocab_rows: int, dtype: str) -> Call:
-    model = Call(CLASSES[model_type][0], {
-        "config": config_call(m, model_type, vocab_rows, dtype),
-        "tokenizer": Call("nemo.collections.common.tokenizers.huggingface.auto_tokenizer.AutoTokenizer",
-                          {"pretrained_model_name": TOKENIZER_DIR}),
-    })
+def trainer_context(m: ModelConfig, model_type: str, vocab_rows: int, dtype: str, tokenizer: bool) -> Call:
+    """`tokenizer`: whether context/nemo_tokenizer holds one (NeMo's exporters need it; load_context does not)."""
+    model = Call(CLASSES[model_type][0], {"config": config_call(m, model_type, vocab_rows, dtype)})
+    if tokenizer:
+        model.kwargs["tokenizer"] = Call("nemo.collections.common.tokenizers.huggingface.auto_tokenizer.AutoTokenizer",
+                                         {"pretrained_model_name": TOKENIZER_DIR})
     trainer = Call("nemo.lightning.pytorch.trainer.Trainer", {
         "accelerator": "cpu", "devices": 1,
         "strategy": Call("nemo.lightning.pytorch.strategies.megatron_strategy.MegatronStrategy",
@@ -103,8 +103,8 @@ def trainer_context(m: ModelConfig, model_type: str, vocab_rows: int, dtype: str
 
 
 def write_context(context: Path, m: ModelConfig, model_type: str, vocab_rows: int, dtype: str) -> None:
-    """`io.json` and `model.yaml` into `context` (the tokenizer is the caller's)."""
-    root = trainer_context(m, model_type, vocab_rows, dtype)
+    """`io.json` and `model.yaml` into `context` (the tokenizer, in TOKENIZER_DIR, is the caller's)."""
+    root = trainer_context(m, model_type, vocab_rows, dtype, (context / TOKENIZER_DIR / "tokenizer.json").exists())
     (context / "io.json").write_text(json.dumps(_FiddleJSON().document(root), indent=2))
     (context / "model.yaml").write_text(yaml.safe_dump(_yaml(root.kwargs["model"]), sort_keys=False))
 
@@ -112,8 +112,7 @@ def write_context(context: Path, m: ModelConfig, model_type: str, vocab_rows: in
 def _yaml(value):
     """NeMo's model.yaml form: `_target_` names the class, `_call_: false` a bare symbol."""
     if isinstance(value, Call):
-        head = {"_target_": value.target, **({"_partial_": True} if value.partial else {})}
-        return {**head, **{k: _yaml(v) for k, v in value.kwargs.items()}}
+        return {"_target_": value.target, **{k: _yaml(v) for k, v in value.kwargs.items()}}
     if isinstance(value, Ref):
         return {"_target_": value.target, "_call_": False}
     if isinstance(value, dict):
@@ -175,7 +174,7 @@ class _FiddleJSON:
                       ["Attr(name='argument_tags')", self._add("dict", dict(empty))],
                       ["Attr(name='argument_history')", self._add("dict", dict(empty))]],
             "metadata": metadata_type})
-        kind = "fiddle._src.partial.Partial" if call.partial else "fiddle._src.config.Config"
+        kind = "fiddle._src.config.Config"
         base = "".join("_" + c.lower() if c.isupper() else c for c in call.target.rsplit(".", 1)[1]).lstrip("_")
         return self._add(base, {"type": self._pyref(kind), "items": items, "metadata": metadata, "paths": [path]})
 
@@ -221,8 +220,8 @@ def read_model_config(context: Path, rows: int) -> tuple[ModelConfig, str]:
     gated = bool(c.get("gated_linear_unit", False))
     if gated and act_name == "silu":
         act = "swiglu"
-    elif not gated and act_name == "gelu":
-        act = "gelu_tanh" if activation.get("approximate") == "tanh" else "gelu"
+    elif not gated and act_name in ("gelu", "openai_gelu"):
+        act = "gelu_tanh" if act_name == "openai_gelu" or activation.get("approximate") == "tanh" else "gelu"
     else:
         raise NemoFormatError(f"{path}: config.activation_func={act_name or activation!r} with gated_linear_unit="
                               f"{gated}: kiln models SwiGLU (silu, gated) and GELU (not gated)")

@@ -131,10 +131,8 @@ def run(command: str, source: str, *rest: str) -> None:
 
         config = load_context(source, subpath="model").config
         fields = {k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool, type(None)))}
-        activation = config.activation_func  # a function, or a partial of one (GPT-2's tanh GELU)
-        fields.update(config_class=type(config).__name__, params_dtype=str(config.params_dtype),
-                      activation_func=getattr(activation, "__name__", None) or activation.func.__name__,
-                      activation_kwargs=getattr(activation, "keywords", {}))
+        fields.update(config_class=type(config).__name__, activation_func=config.activation_func.__name__,
+                      params_dtype=str(config.params_dtype))
         Path(rest[0]).write_text(json.dumps(fields))
     else:
         raise SystemExit(f"unknown command {command!r}")
