@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import signal
 import uuid
 import warnings
 from pathlib import Path
@@ -156,12 +157,23 @@ def _forked_results_queue() -> None:
     """megatron-core's torch_dist writer collects its workers' results through a queue served by a
     multiprocessing Manager that it starts with "spawn": a fresh interpreter that re-imports torch and
     megatron-core, ~8 s per rank on a run's first save (measured on 2 cores). A Manager started by
-    fork serves the same queue at once; the writer forks its workers anyway. Set before its first use."""
+    fork serves the same queue at once (the writer forks its workers anyway); it drops the rank's
+    signal handlers, so it still ends on the signals a spawned one ends on (a SIGTERM from its
+    owner's exit, Slurm's preemption signal) instead of outliving the rank. Set before its first use."""
+    from multiprocessing.managers import SyncManager
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from torch import multiprocessing
 
     if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+        manager = SyncManager(ctx=multiprocessing.get_context("fork"))
+        manager.start(initializer=_default_signal_handlers)
+        filesystem_async._results_queue = manager.Queue()
+
+
+def _default_signal_handlers() -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def save(ckpt_dir: str | Path, step: int, chunks, optimizer, scheduler, state: dict,

@@ -124,6 +124,13 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
 
 
 def destroy_model_parallel() -> None:
+    """megatron-core forgets its groups but destroys only its gloo data-parallel ones; each gloo group
+    left keeps polling threads, so a process that builds the groups again (several runs in one
+    process, a converter's checks) would gather them. Every group but the default one goes."""
     from megatron.core import parallel_state
+    from torch.distributed import distributed_c10d
 
     parallel_state.destroy_model_parallel()
+    for group in list(distributed_c10d._world.pg_map):  # torch keeps no public list of groups
+        if group is not distributed_c10d.GroupMember.WORLD:
+            torch.distributed.destroy_process_group(group)
