@@ -18,7 +18,8 @@ import torch
 
 from kiln.config import ModelConfig, ParallelConfig
 from kiln.conversion import hf
-from kiln.conversion.verify import TensorSource, one_process_engine
+from kiln.conversion.mapping import PaddedVocab
+from kiln.conversion.verify import TensorSource, fill, one_process_engine
 from kiln.errors import ParityError
 
 TOLERANCE = 1e-4  # of max(1, the reference's largest |value|) at that point
@@ -114,7 +115,7 @@ class MegatronSide:
         with torch.no_grad():
             for sh in tensors:
                 if not sh.prepend_axis_num:
-                    _fill(sh, read(sh.key, None))
+                    fill(sh, read(sh.key, None))
 
     def close(self) -> None:
         self._engine.__exit__(None, None, None)
@@ -127,7 +128,7 @@ class MegatronSide:
     def layer(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             for sh in self.per_layer:
-                _fill(sh, self.read(sh.key, index))
+                fill(sh, self.read(sh.key, index))
             rotary = self.gpt.rotary_pos_emb(hidden.shape[1]) if hasattr(self.gpt, "rotary_pos_emb") else None
             out, _ = self.gpt.decoder.layers[0](hidden_states=hidden.transpose(0, 1).contiguous(),
                                                 attention_mask=None, rotary_pos_emb=rotary)
@@ -139,14 +140,6 @@ class MegatronSide:
             normed = self.gpt.decoder.final_layernorm(hidden.transpose(0, 1))
             logits, _ = self.gpt.output_layer(normed, weight=weight, runtime_gather_output=True)
         return logits.transpose(0, 1)[..., : self.vocab]
-
-
-def _fill(sh, full: torch.Tensor) -> None:
-    """A sharded tensor's region of `full` (one layer's tensor for a stacked key)."""
-    region = full
-    for dim, (start, size) in enumerate(zip(sh.global_offset[sh.prepend_axis_num:], sh.local_shape, strict=True)):
-        region = region.narrow(dim, start, size)
-    sh.data.copy_(region.to(sh.data.dtype))
 
 
 def compare_layers(reference, candidate, tokens: torch.Tensor, what: str) -> dict[str, float]:
@@ -185,7 +178,7 @@ def compare_tensors(reference, candidate, what: str) -> dict[str, float]:
         layers = range(reference.config.num_layers) if p.per_layer else [None]
         for layer in layers:
             a, b = reference.read(p.megatron, layer).float(), candidate.read(p.megatron, layer).float()
-            if p.megatron.endswith(("word_embeddings.weight", "output_layer.weight")):
+            if isinstance(p.transform, PaddedVocab):
                 a, b = a[:vocab], b[:vocab]
             if a.shape != b.shape:
                 raise ParityError(f"{what}: {p.megatron} (layer {layer}) has shape {tuple(b.shape)}, the source "

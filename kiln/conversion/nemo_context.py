@@ -188,7 +188,7 @@ UNSUPPORTED = {
     "rotary_interleaved": False, "seq_len_interpolation_factor": None, "softmax_scale": None,
     "mtp_num_layers": None, "heterogeneous_block_specs": False,
 }
-MODEL_TYPES = {"LlamaConfig": "llama", "Mistral": "mistral", "Qwen2": "qwen2", "Llama": "llama"}
+MODEL_TYPES = {"Llama": "llama", "Mistral": "mistral", "Qwen2": "qwen2"}  # config class name prefixes
 
 
 def read_model_config(context: Path, rows: int) -> tuple[ModelConfig, str]:

@@ -133,17 +133,17 @@ def open_megatron(reader: dcp.Reader, common: dict, prefix: str, describe: str, 
     params = family.params(m, padded)
     present = {k for k in reader.tensor_keys() if not k.startswith(prefix + "optimizer.") and
                not k.startswith("optimizer.")}
-    stored = {p.megatron: prefix + p.megatron for p in params}
-    missing, unexpected = sorted(set(stored.values()) - present), sorted(present - set(stored.values()))
+    expected = {prefix + p.megatron for p in params}
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
     if missing or unexpected:
         raise megatron.MegatronFormatError(f"{describe}: tensors do not match its model config: missing "
                                            f"{missing[:4] or 'none'}, unexpected {unexpected[:4] or 'none'}")
 
     def read(key, layer=None):
-        return reader.read(stored[key], layer)
+        return reader.read(prefix + key, layer)
 
-    shape = lambda key: reader.shape(stored[key])  # noqa: E731
-    dtype = reader.dtype(stored[params[0].megatron])
+    shape = lambda key: reader.shape(prefix + key)  # noqa: E731
+    dtype = reader.dtype(prefix + params[0].megatron)
     return Model(m, model_type, params, read, shape, dtype, tokenizer, describe)
 
 

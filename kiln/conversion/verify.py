@@ -74,16 +74,15 @@ def megatron_logits(read: TensorSource, m: ModelConfig, tokens: torch.Tensor) ->
         with torch.no_grad():
             for sh in nested_values(sharded):
                 if isinstance(sh, ShardedTensor):
-                    _fill(sh, read)
+                    fill(sh, read(sh.key, sh.global_offset[0] if sh.prepend_axis_num else None))
             model.eval()
             positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
             logits = model(tokens, positions, None)
         return logits[..., : m.vocab_size].float()
 
 
-def _fill(sh, read: TensorSource) -> None:
-    layer = sh.global_offset[0] if sh.prepend_axis_num else None
-    full = read(sh.key, layer)
+def fill(sh, full: torch.Tensor) -> None:
+    """A sharded tensor's region of `full` (the global tensor, or one layer's of a stacked key)."""
     region = full
     for dim, (start, size) in enumerate(zip(sh.global_offset[sh.prepend_axis_num:], sh.local_shape, strict=True)):
         region = region.narrow(dim, start, size)
