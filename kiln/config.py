@@ -222,6 +222,22 @@ class PretrainConfig:
 
 
 @dataclass
+class RayConfig:
+    """Where a data stage's tasks run with engine=ray. Tasks exchange files under `work_dir` (shared
+    storage every node mounts), never through Ray's object store; the output is the same bytes as
+    engine=local's for any number of nodes, workers or input splits."""
+
+    # a running cluster: "host:port", "ray://host:10001" or "auto" (the one `ray start` left on this
+    # machine); None: $RAY_ADDRESS when set, else kiln starts a local cluster and stops it at the end
+    address: str | None = None
+    num_cpus: int | None = ranged(None, AT_LEAST_1)  # the local cluster kiln starts; None: the stage's workers
+    work_dir: str | None = None  # intermediate files and completion markers; None: <output_dir>.work
+    split_mb: float = ranged(64.0, POSITIVE)  # uncompressed JSONL is split into contiguous byte ranges of this size
+    max_task_retries: int = ranged(2, NON_NEGATIVE)  # a task that fails more often stops the run, naming its input
+    buckets: int = ranged(16, AT_LEAST_1)  # shuffle buckets (reduce tasks) for exact digests and LSH bands
+
+
+@dataclass
 class PrepareConfig:
     """`kiln prepare`: JSONL text -> Megatron indexed dataset (.bin/.idx) + tokenizer directory."""
 
@@ -232,6 +248,12 @@ class PrepareConfig:
     tokenizer: str | None = None  # a tokenizer directory; None trains a byte-level BPE
     vocab_size: int = ranged(8192, Range(256))  # only when training a tokenizer
     batch_size: int = ranged(1000, AT_LEAST_1)  # documents per tokenizer call
+    # a tokenizer trained here learns from at most this many MiB of text: the head of each input file,
+    # in proportion to its size (deterministic; the manifest says what was read)
+    tokenizer_sample_mb: float = ranged(1024.0, POSITIVE)
+    merge: bool = True  # engine=ray: one prefix; false keeps one prefix per input split (for data.blend)
+    engine: Literal["local", "ray"] = "local"  # ray: one task per input split on a Ray cluster
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 @dataclass
@@ -420,3 +442,5 @@ class CurateConfig:
     shard_mb: float = ranged(256.0, POSITIVE)  # target shard size (text bytes); a shard closes once it reaches it
     max_line_bytes: int = ranged(10_000_000, AT_LEAST_1)  # longer input lines are bad input
     strict: bool = False  # stop at the first bad record instead of skipping and counting it
+    engine: Literal["local", "ray"] = "local"  # local: worker processes on this machine; ray: tasks on a Ray cluster
+    ray: RayConfig = field(default_factory=RayConfig)

@@ -9,7 +9,6 @@ kept documents. Output appears under its final name only when complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -26,6 +25,8 @@ from kiln.bootstrap import interactive
 from kiln.config import CurateConfig
 from kiln.curation import dedup
 from kiln.curation.io import BadInput, Document, read_documents, write_shards
+from kiln.curation.report import build_report, print_summary
+from kiln.curation.screen import process_texts
 from kiln.validation import Check, Problems, check_inputs, check_output_dir, check_ranges, ensure_valid
 
 CHUNK = 512  # documents per worker task
@@ -48,37 +49,14 @@ def validate(cfg: CurateConfig, check: Check, problems: Problems) -> None:
         if not cudf_available():
             problems.add("dedup_backend=gpu needs cuDF (NeMo Curator's GPU extra, in the NGC image): use "
                          "dedup_backend=cpu or auto")
+    if cfg.engine == "ray":
+        if cfg.filters.enabled and cfg.filters.engine == "curator":
+            problems.add("filters.engine=curator runs Curator's own Ray pipeline on one machine: with engine=ray use "
+                         "filters.engine=kiln (the same filters, in kiln's tasks)")
+        if cfg.dedup_backend == "gpu":
+            problems.add("dedup_backend=gpu runs Curator's cuDF workflows on one machine: with engine=ray dedup runs "
+                         "on CPU across the cluster; use dedup_backend=cpu or auto")
     check_output_dir("output_dir", cfg.output_dir, problems)
-
-
-_SCREENER = None  # per worker process: the filters, with the language-id model loaded once
-
-
-def _process(args) -> list[tuple]:
-    """Worker: per document, the text to write, the digest of its normalized content, its
-    MinHash signature, the PII it redacted, the filter that rejected it (or None) and its language."""
-    texts, cfg = args
-    from kiln.curation.normalize import normalize
-    from kiln.curation.pii import redact
-
-    global _SCREENER
-    screen = cfg.filters.enabled and cfg.filters.engine == "kiln"
-    if screen and _SCREENER is None:
-        from kiln.curation.filters import Screener
-
-        _SCREENER = Screener(cfg.filters)
-        _SCREENER.load_models()
-    a, b = dedup.permutations(cfg.num_perm)
-    out = []
-    for text in texts:
-        clean = normalize(text) if cfg.normalize else text
-        rejected, language = _SCREENER(clean) if screen else (None, None)
-        digest = hashlib.blake2b(clean.encode(), digest_size=16).digest()
-        sig = dedup.signature(dedup.shingle_hashes(clean, cfg.ngram), a, b) if cfg.fuzzy_dedup else None
-        counts: Counter = Counter()
-        written = redact(clean, counts) if cfg.pii and rejected is None else clean
-        out.append((written, digest, sig, counts, rejected, language))
-    return out
 
 
 def _chunks(iterable, size):
@@ -90,86 +68,97 @@ def _chunks(iterable, size):
 def curate(cfg: CurateConfig) -> dict:
     ensure_valid(cfg, validate, what="the curate config")
     started = time.time()
+    output = Path(cfg.output_dir)
+    with atomic_dir(output) as tmp:
+        if cfg.engine == "ray":
+            from kiln.curation.on_ray import run_on_ray
+
+            report = run_on_ray(cfg, tmp, started)
+        else:
+            report = _run_local(cfg, tmp, started)
+        atomic_write_text(tmp / "curation_report.json", json.dumps(report, indent=2) + "\n")
+    write_manifest(str(output), "curate", cfg, list(cfg.inputs), report, started)
+    print_summary(report)
+    return report
+
+
+def _run_local(cfg: CurateConfig, tmp: Path, started: float) -> dict:
+    """Worker processes of this machine: one pass spilling normalized text to `tmp`, dedup in
+    memory (16 bytes and a signature per document), one pass writing the kept documents."""
     bad, pii_counts = BadInput(), Counter()
     stats = {"read": Counter(), "normalize": Counter(), "exact_dedup": Counter(), "fuzzy_dedup": Counter(),
              "gpu_dedup": Counter()}
     seconds = Counter()
     digests, signatures, verdicts, languages = [], [], [], Counter()
-    output = Path(cfg.output_dir)
-    with atomic_dir(output) as tmp:
-        spill = tmp / ".spill.jsonl"
-        tic = time.perf_counter()
-        progress = Progress(TextColumn("kiln curate"), BarColumn(), TextColumn("{task.completed} documents"),
-                            TimeElapsedColumn(), transient=True, disable=not interactive())
-        with open(spill, "w", encoding="utf-8") as f, get_context("fork").Pool(cfg.workers) as pool, progress:
-            task = progress.add_task("read", total=None)
-            # a window of chunks at a time: Pool.imap would read the whole input ahead
-            for window in _chunks(_chunks(read_documents(cfg, bad), CHUNK), 2 * cfg.workers):
-                args = [([d.text for d in chunk], cfg) for chunk in window]
-                progress.advance(task, sum(len(chunk) for chunk in window))
-                for chunk, result in zip(window, pool.map(_process, args), strict=True):
-                    for doc, (text, digest, sig, counts, rejected, language) in zip(chunk, result, strict=True):
-                        verdicts.append(rejected)
-                        if language:
-                            languages[language] += 1
-                        stats["read"]["docs"] += 1
-                        stats["read"]["bytes"] += len(doc.text.encode())
-                        stats["normalize"]["bytes_out"] += len(text.encode())
-                        pii_counts.update(counts)
-                        digests.append(digest)
-                        if sig is not None:
-                            signatures.append(sig)
-                        f.write(json.dumps({"id": doc.id, "source": doc.source, "text": text,
-                                            "row": len(digests) - 1}, ensure_ascii=False) + "\n")
-        seconds["read+normalize+minhash"] = time.perf_counter() - tic
-        n = len(digests)
-        if n == 0:
-            raise ValueError(f"no usable documents in {cfg.inputs}: {dict(bad.counts)} (see the report's examples)")
+    spill = tmp / ".spill.jsonl"
+    tic = time.perf_counter()
+    progress = Progress(TextColumn("kiln curate"), BarColumn(), TextColumn("{task.completed} documents"),
+                        TimeElapsedColumn(), transient=True, disable=not interactive())
+    with open(spill, "w", encoding="utf-8") as f, get_context("fork").Pool(cfg.workers) as pool, progress:
+        task = progress.add_task("read", total=None)
+        # a window of chunks at a time: Pool.imap would read the whole input ahead
+        for window in _chunks(_chunks(read_documents(cfg, bad), CHUNK), 2 * cfg.workers):
+            args = [([d.text for d in chunk], cfg) for chunk in window]
+            progress.advance(task, sum(len(chunk) for chunk in window))
+            for chunk, result in zip(window, pool.starmap(process_texts, args), strict=True):
+                for doc, (text, digest, sig, counts, rejected, language) in zip(chunk, result, strict=True):
+                    verdicts.append(rejected)
+                    if language:
+                        languages[language] += 1
+                    stats["read"]["docs"] += 1
+                    stats["read"]["bytes"] += len(doc.text.encode())
+                    stats["normalize"]["bytes_out"] += len(text.encode())
+                    pii_counts.update(counts)
+                    digests.append(digest)
+                    if sig is not None:
+                        signatures.append(sig)
+                    f.write(json.dumps({"id": doc.id, "source": doc.source, "text": text,
+                                        "row": len(digests) - 1}, ensure_ascii=False) + "\n")
+    seconds["read+normalize+minhash"] = time.perf_counter() - tic
+    n = len(digests)
+    if n == 0:
+        raise ValueError(f"no usable documents in {cfg.inputs}: {dict(bad.counts)} (see the report's examples)")
 
-        tic = time.perf_counter()
-        if cfg.filters.enabled and cfg.filters.engine == "curator":
-            verdicts, languages = _curator_verdicts(cfg, spill, tmp, n)
-            seconds["filters (curator)"] = time.perf_counter() - tic
-        removed_by = Counter(v for v in verdicts if v is not None)
-        keep = np.array([v is None for v in verdicts], dtype=bool)
-        stats["filters"] = Counter(docs_in=n, removed=int(n - keep.sum()))
+    tic = time.perf_counter()
+    if cfg.filters.enabled and cfg.filters.engine == "curator":
+        verdicts, languages = _curator_verdicts(cfg, spill, tmp, n)
+        seconds["filters (curator)"] = time.perf_counter() - tic
+    removed_by = Counter(v for v in verdicts if v is not None)
+    keep = np.array([v is None for v in verdicts], dtype=bool)
+    stats["filters"] = Counter(docs_in=n, removed=int(n - keep.sum()))
 
-        fuzzy_sizes = Counter()
-        if _on_gpu(cfg):
-            tic = time.perf_counter()
-            survivors = _gpu_dedup(cfg, spill, tmp, keep)
-            alive = int(keep.sum())
-            keep &= np.isin(np.arange(n), list(survivors))
-            stats["gpu_dedup"] = Counter(docs_in=alive, removed=int(alive - keep.sum()))
-            seconds["dedup (gpu)"] = time.perf_counter() - tic
-        else:
-            tic = time.perf_counter()
-            exact_clusters = _exact(digests, keep) if cfg.exact_dedup else Counter()
-            stats["exact_dedup"].update(docs_in=int(stats["filters"]["docs_in"] - stats["filters"]["removed"]),
-                                        removed=sum(exact_clusters.values()), clusters=len(exact_clusters))
-            seconds["exact_dedup"] = time.perf_counter() - tic
-            tic = time.perf_counter()
-            alive = np.flatnonzero(keep)
-            if cfg.fuzzy_dedup and len(alive):
-                roots = dedup.fuzzy_clusters(np.stack([signatures[i] for i in alive]), cfg.jaccard_threshold)
-                members = Counter(roots.tolist())
-                fuzzy_sizes = Counter(size for size in members.values() if size > 1)
-                keep[alive[roots != np.arange(len(alive))]] = False
-                stats["fuzzy_dedup"].update(docs_in=len(alive), removed=int(len(alive) - keep.sum()),
-                                            clusters=sum(fuzzy_sizes.values()))
-            seconds["fuzzy_dedup"] = time.perf_counter() - tic
-
+    fuzzy_sizes = Counter()
+    if _on_gpu(cfg):
         tic = time.perf_counter()
-        shards = write_shards(tmp, _kept(spill, keep), int(cfg.shard_mb * 2**20), cfg.output_format)
-        spill.unlink()
-        seconds["write"] = time.perf_counter() - tic
-        report = _report(cfg, stats, seconds, bad, pii_counts, fuzzy_sizes, int(keep.sum()), shards, started)
-        report["filters"] = {**dict(stats["filters"]), "removed_by": dict(removed_by.most_common()),
-                             "engine": cfg.filters.engine} if cfg.filters.enabled else None
-        report["languages"] = dict(languages.most_common())
-        atomic_write_text(tmp / "curation_report.json", json.dumps(report, indent=2) + "\n")
-    write_manifest(str(output), "curate", cfg, list(cfg.inputs), report, started)
-    _print_summary(report)
+        survivors = _gpu_dedup(cfg, spill, tmp, keep)
+        alive = int(keep.sum())
+        keep &= np.isin(np.arange(n), list(survivors))
+        stats["gpu_dedup"] = Counter(docs_in=alive, removed=int(alive - keep.sum()))
+        seconds["dedup (gpu)"] = time.perf_counter() - tic
+    else:
+        tic = time.perf_counter()
+        exact_clusters = _exact(digests, keep) if cfg.exact_dedup else Counter()
+        stats["exact_dedup"].update(docs_in=int(stats["filters"]["docs_in"] - stats["filters"]["removed"]),
+                                    removed=sum(exact_clusters.values()), clusters=len(exact_clusters))
+        seconds["exact_dedup"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        alive = np.flatnonzero(keep)
+        if cfg.fuzzy_dedup and len(alive):
+            roots = dedup.fuzzy_clusters(np.stack([signatures[i] for i in alive]), cfg.jaccard_threshold)
+            members = Counter(roots.tolist())
+            fuzzy_sizes = Counter(size for size in members.values() if size > 1)
+            keep[alive[roots != np.arange(len(alive))]] = False
+            stats["fuzzy_dedup"].update(docs_in=len(alive), removed=int(len(alive) - keep.sum()),
+                                        clusters=sum(fuzzy_sizes.values()))
+        seconds["fuzzy_dedup"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    shards = write_shards(tmp, _kept(spill, keep), int(cfg.shard_mb * 2**20), cfg.output_format)
+    spill.unlink()
+    seconds["write"] = time.perf_counter() - tic
+    report = build_report(cfg, stats, seconds, bad, pii_counts, fuzzy_sizes, removed_by, languages,
+                          int(keep.sum()), shards, started)
+    report["engine"] = {"name": "local", "workers": cfg.workers}
     return report
 
 
@@ -236,50 +225,3 @@ def _kept(spill: Path, keep: np.ndarray):
             if keep[i]:
                 record = json.loads(line)
                 yield Document(record["id"], record["source"], record["text"])
-
-
-def _report(cfg, stats, seconds, bad, pii_counts, fuzzy_sizes, kept, shards, started) -> dict:
-    docs = stats["read"]["docs"]
-    return {
-        "inputs": list(cfg.inputs),
-        "documents_in": docs + sum(bad.counts.values()),
-        "documents_out": kept,
-        "bytes_in": stats["read"]["bytes"],
-        "bytes_after_normalize": stats["normalize"]["bytes_out"],
-        "bad_input": {"counts": dict(bad.counts), "examples": bad.examples},
-        "exact_dedup": dict(stats["exact_dedup"]),
-        "gpu_dedup": dict(stats["gpu_dedup"]) or None,
-        "fuzzy_dedup": {**dict(stats["fuzzy_dedup"]),
-                        "cluster_sizes": {str(k): v for k, v in sorted(fuzzy_sizes.items())},
-                        "jaccard_threshold": cfg.jaccard_threshold,
-                        "bands_rows": list(dedup.lsh_params(cfg.jaccard_threshold, cfg.num_perm))},
-        "pii": dict(pii_counts) if cfg.pii else None,
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "docs_per_second": {k: round(docs / v, 1) for k, v in seconds.items() if v > 0},
-        "shards": shards,
-        "wall_seconds": round(time.time() - started, 3),
-    }
-
-
-def _print_summary(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="kiln curate")
-    for column in ("stage", "documents", "removed", "detail"):
-        table.add_column(column)
-    bad = sum(report["bad_input"]["counts"].values())
-    table.add_row("read", str(report["documents_in"]), str(bad), ", ".join(
-        f"{k} {v}" for k, v in report["bad_input"]["counts"].items()) or "no bad input")
-    if report["filters"]:
-        f = report["filters"]
-        table.add_row("filters", str(f["docs_in"]), str(f["removed"]),
-                      ", ".join(f"{k} {v}" for k, v in list(f["removed_by"].items())[:4]) or "none removed")
-    for stage in ("exact_dedup", "fuzzy_dedup", "gpu_dedup"):
-        s = report[stage]
-        if s:
-            table.add_row(stage, str(s.get("docs_in", 0)), str(s.get("removed", 0)), f"{s.get('clusters', 0)} clusters")
-    if report["pii"] is not None:
-        table.add_row("pii", "", "", ", ".join(f"{k} {v}" for k, v in report["pii"].items()) or "none found")
-    table.add_row("write", str(report["documents_out"]), "", f"{len(report['shards'])} shard(s)")
-    Console().print(table)

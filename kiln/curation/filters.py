@@ -5,7 +5,7 @@ Two ways to run them:
 - `engine=kiln` (default): Curator's `DocumentFilter` objects inside kiln's worker processes,
   next to normalization and MinHash, in one pass and without Ray;
 - `engine=curator`: a Curator `Pipeline` (JsonlReader -> a Score stage with every filter ->
-  JsonlWriter) on a Ray cluster kiln starts and always tears down (kiln.curation.ray_cluster); kiln
+  JsonlWriter) on a Ray cluster kiln starts and always tears down (kiln.ray.local); kiln
   judges from the scores it wrote.
 The first filter that rejects a document is the one the report charges with the removal.
 """
@@ -118,7 +118,7 @@ def score_with_curator(cfg: FilterConfig, inputs: list[str], output_dir: Path, n
     pipeline.add_stage(Score(score_fn=[f for _, f in named], score_field=[SCORE_PREFIX + n for n, _ in named],
                              text_field="text", name="kiln_filters").with_(resources=Resources(cpus=1.0)))
     pipeline.add_stage(JsonlWriter(path=str(output_dir)).with_(resources=Resources(cpus=0.5)))
-    from kiln.curation.ray_cluster import ray_cluster
+    from kiln.ray.local import ray_cluster
 
     with ray_cluster(num_cpus):
         pipeline.run(XennaExecutor(config={"execution_mode": "batch", "cpu_allocation_percentage": 1.0,

@@ -64,7 +64,7 @@ def surviving_rows(cfg: CurateConfig, input_path: Path, work: Path) -> set[int]:
     from nemo_curator.stages.deduplication.exact.workflow import ExactDeduplicationWorkflow
     from nemo_curator.stages.deduplication.fuzzy.workflow import FuzzyDeduplicationWorkflow
 
-    from kiln.curation.ray_cluster import ray_cluster
+    from kiln.ray.local import ray_cluster
 
     survivors = {json.loads(line)["row"] for line in input_path.open(encoding="utf-8")}
     with ray_cluster(num_cpus=cfg.workers):

@@ -15,8 +15,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from kiln.config import CurateConfig
 from kiln.data import jsonl
+from kiln.data.splits import Split
 from kiln.errors import CurationInputError
 
 
@@ -69,14 +72,16 @@ def input_files(paths: list[str]) -> list[Path]:
     return out
 
 
-def read_documents(cfg: CurateConfig, bad: BadInput) -> Iterator[Document]:
-    for path in input_files(cfg.inputs):
+def read_documents(cfg: CurateConfig, bad: BadInput, splits: list[Split] | None = None) -> Iterator[Document]:
+    """The usable documents of the inputs (or of the given contiguous splits of them), in order."""
+    for split in splits or [Split(str(p)) for p in input_files(cfg.inputs)]:
+        path = Path(split.path)
         if path.suffix == ".parquet":
             records = ((f"{path}:row {row}", record) for row, record in _parquet_records(path))
         elif path.name.endswith((".warc", ".warc.gz", ".html", ".htm")):
             records = _web_records(path, cfg, bad)
         else:
-            records = _json_records(path, cfg, bad)
+            records = _json_records(path, cfg, bad, split)
         for where, record in records:
             text = record.get(cfg.text_field)
             if not isinstance(text, str):
@@ -120,9 +125,38 @@ def _warc_pages(path: Path) -> Iterator[tuple[str, bytes]]:
             yield f"{path}:{uri}", record.content_stream().read()
 
 
-def _json_records(path: Path, cfg: CurateConfig, bad: BadInput) -> Iterator[tuple[str, dict]]:
+def _json_records(path: Path, cfg: CurateConfig, bad: BadInput, split: Split) -> Iterator[tuple[str, dict]]:
     return jsonl.records(path, lambda where, reason, kind: bad.add(where, reason, kind, cfg.strict),
-                         cfg.max_line_bytes)
+                         cfg.max_line_bytes, split)
+
+
+def shard_name(index: int, fmt: str) -> str:
+    return f"curated_{index:05d}.{fmt}"
+
+
+def write_shard(path: Path, documents: list[Document], fmt: str) -> None:
+    rows = [{"id": d.id, "source": d.source, "text": d.text} for d in documents]
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def shard_ends(sizes: np.ndarray, shard_bytes: int) -> list[int]:
+    """Where each shard ends, given the kept documents' text sizes in order: a shard closes once
+    its text reaches `shard_bytes` (the rule write_shards applies while streaming)."""
+    total = np.cumsum(sizes, dtype=np.int64)
+    ends, start = [], 0
+    while start < len(sizes):
+        base = total[start - 1] if start else 0
+        end = int(np.searchsorted(total, base + shard_bytes, side="left")) + 1
+        ends.append(min(end, len(sizes)))
+        start = ends[-1]
+    return ends
 
 
 def write_shards(directory: Path, documents: Iterator[Document], shard_bytes: int, fmt: str = "jsonl") -> list[str]:
@@ -133,17 +167,8 @@ def write_shards(directory: Path, documents: Iterator[Document], shard_bytes: in
     size = 0
 
     def flush():
-        name = f"curated_{len(shards):05d}.{fmt}"
-        rows = [{"id": d.id, "source": d.source, "text": d.text} for d in batch]
-        if fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.Table.from_pylist(rows), directory / name)
-        else:
-            with open(directory / name, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        shards.append(name)
+        shards.append(shard_name(len(shards), fmt))
+        write_shard(directory / shards[-1], batch, fmt)
 
     for doc in documents:
         batch.append(doc)

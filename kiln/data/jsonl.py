@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from kiln.data.splits import Split
 from kiln.errors import InputError
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -79,9 +80,24 @@ def _split_lines(blocks: Iterator[bytes]) -> Iterator[bytes]:
         yield rest
 
 
-def raw_lines(path: Path) -> Iterator[bytes]:
-    """The file's lines as bytes; raises Truncated when a compressed file ends early."""
+def _byte_range(path: Path, start: int, end: int) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = end - start
+        while left > 0 and (line := f.readline(left)):
+            left -= len(line)
+            yield line
+
+
+def raw_lines(path: Path, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """The file's lines as bytes (of an uncompressed file: those in [start, end)); raises
+    Truncated when a compressed file ends early."""
     name = path.name
+    if start or end is not None:
+        if name.endswith((".gz", ".zst")):
+            raise ValueError(f"{path}: a compressed file is read whole, not from byte {start}")
+        yield from _byte_range(path, start, path.stat().st_size if end is None else end)
+        return
     try:
         if name.endswith(".gz"):
             with gzip.open(path, "rb") as f:
@@ -100,15 +116,16 @@ def raw_lines(path: Path) -> Iterator[bytes]:
         raise
 
 
-def records(path: str | Path, on_bad: OnBad = raise_on_bad, max_line_bytes: int | None = None
-            ) -> Iterator[tuple[str, dict]]:
-    """(file:line, record) for every well-formed JSON object line of `path`."""
+def records(path: str | Path, on_bad: OnBad = raise_on_bad, max_line_bytes: int | None = None,
+            split: Split | None = None) -> Iterator[tuple[str, dict]]:
+    """(file:line, record) for every well-formed JSON object line of `path` (or of one split of it)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path} does not exist: give a JSONL file with one record per line")
-    lineno = 0
+    split = split or Split(str(path))
+    lineno = split.first_line - 1
     try:
-        for lineno, raw in enumerate(raw_lines(path), 1):  # noqa: B007 -- lineno names the last good line
+        for lineno, raw in enumerate(raw_lines(path, split.start, split.end), split.first_line):  # noqa: B007 -- lineno names the last good line
             where = f"{path}:{lineno}"
             if not raw.strip():
                 continue
