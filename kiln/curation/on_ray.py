@@ -99,23 +99,12 @@ def run_on_ray(cfg: CurateConfig, out: Path, started: float) -> dict:
 
 
 def _claim(work: Path, cfg: CurateConfig, splits: list) -> None:
-    """Reuse the work directory only for the same inputs (size and mtime) and result-shaping
-    config; otherwise start it afresh (a resume must never mix two runs' intermediates)."""
     fields = dataclasses.asdict(cfg)
     for name in ("output_dir", "workers", "engine"):
         fields.pop(name)
     fields["ray"] = {k: v for k, v in fields["ray"].items() if k in ("split_mb", "buckets")}
-    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in input_files(cfg.inputs)]
-    plan = json.dumps({"config": fields, "inputs": stats, "splits": [dataclasses.astuple(s) for s in splits]},
-                      sort_keys=True, default=str)
-    marker = work / "plan.json"
-    if marker.exists() and marker.read_text() == plan:
-        return
-    if work.exists():
-        print(f"kiln curate: {work} holds another run's intermediates; starting afresh", flush=True)
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    marker.write_text(plan)
+    ray_tasks.claim(work, {"config": fields, "inputs": ray_tasks.input_stats(input_files(cfg.inputs)),
+                           "splits": [dataclasses.astuple(s) for s in splits]}, "curate")
 
 
 def _publish(tmp: Path, final: Path) -> None:

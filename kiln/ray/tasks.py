@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,25 @@ class PhaseReport:
     def as_dict(self) -> dict:
         return {"tasks": self.tasks, "reused": self.reused, "seconds": round(self.seconds, 3),
                 "nodes": len(self.nodes)}
+
+
+def claim(work: Path, plan: dict, stage: str) -> None:
+    """Reuse `work` only for the same plan (inputs, splits, result-shaping config); otherwise
+    start it afresh: a resume must never mix two runs' intermediates."""
+    text = json.dumps(plan, sort_keys=True, default=str)
+    marker = work / "plan.json"
+    if marker.exists() and marker.read_text() == text:
+        return
+    if work.exists():
+        print(f"kiln {stage}: {work} holds another run's intermediates; starting afresh", flush=True)
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    atomic_write_text(marker, text)
+
+
+def input_stats(files: list[Path]) -> list[tuple]:
+    """What identifies an input without reading it: path, size and modification time."""
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
 def _execute(fn: Callable, args: tuple, marker: str) -> dict:
