@@ -38,6 +38,29 @@ def nemorun_home() -> Path:
     return Path(os.environ["NEMORUN_HOME"])
 
 
+RAY_NODE = {"num_cpus": 1, "object_store_memory": 80 << 20}
+
+
+@pytest.fixture(scope="session")
+def ray_two_nodes():
+    """A real two-node Ray cluster on this machine (a head and one worker, one CPU each), for the
+    data stages' engine=ray; stopped at the end of the session, every process of it."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import psutil
+    from ray.cluster_utils import Cluster
+
+    from kiln.ray.local import cluster_processes, terminate
+
+    before = {p.pid for p in psutil.process_iter()}
+    cluster = Cluster(initialize_head=True, head_node_args=dict(RAY_NODE))
+    cluster.add_node(**RAY_NODE)
+    cluster.wait_for_nodes()
+    yield cluster
+    members = cluster_processes(before, "/nonexistent")
+    cluster.shutdown()
+    terminate(members)
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The shipped demo corpus, tokenized once per session with a BPE trained on it."""

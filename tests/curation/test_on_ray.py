@@ -12,36 +12,18 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from kiln.config import CurateConfig, RayConfig
 from kiln.curation.curate import curate
 from kiln.data import splits
 from kiln.errors import ConfigError
+from kiln.ray import tasks as ray_tasks
+from tests.conftest import RAY_NODE
 from tests.curation.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMINGS = {"seconds", "docs_per_second", "wall_seconds", "engine"}
-NODE = {"num_cpus": 1, "object_store_memory": 80 << 20}
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """A head and one worker node, one CPU each (ray.cluster_utils starts real raylets)."""
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    from ray.cluster_utils import Cluster
-
-    from kiln.ray.local import cluster_processes, terminate
-
-    before = {p.pid for p in psutil.process_iter()}
-    cluster = Cluster(initialize_head=True, head_node_args=dict(NODE))
-    cluster.add_node(**NODE)
-    cluster.wait_for_nodes()
-    yield cluster
-    members = cluster_processes(before, "/nonexistent")
-    cluster.shutdown()
-    terminate(members)
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +71,9 @@ def test_split_boundaries_separate_planted_copies(corpus):
 
 
 @pytest.mark.slow
-def test_two_nodes_write_the_local_engines_bytes_and_figures(cluster, corpus, local, tmp_path):
+def test_two_nodes_write_the_local_engines_bytes_and_figures(ray_two_nodes, corpus, local, tmp_path):
     inputs, _ = corpus
-    report = curate(_config(inputs, tmp_path / "ray", address=cluster.address))
+    report = curate(_config(inputs, tmp_path / "ray", address=ray_two_nodes.address))
     outputs, local_report = local
     assert _outputs(tmp_path / "ray") == outputs and len(outputs) > 3
     assert _figures(report) == _figures(local_report)
@@ -102,16 +84,16 @@ def test_two_nodes_write_the_local_engines_bytes_and_figures(cluster, corpus, lo
 
 
 @pytest.mark.slow
-def test_a_lost_node_and_a_killed_driver_resume_to_the_same_bytes(cluster, corpus, local, tmp_path):
+def test_a_lost_node_and_a_killed_driver_resume_to_the_same_bytes(ray_two_nodes, corpus, local, tmp_path):
     """A worker node is removed while the map runs and the driver is killed; the rerun reuses
     the completed tasks on the surviving node and writes the same bytes."""
     inputs, _ = corpus
-    spare = cluster.add_node(**NODE)
-    cluster.wait_for_nodes()
+    spare = ray_two_nodes.add_node(**RAY_NODE)
+    ray_two_nodes.wait_for_nodes()
     out = tmp_path / "ray"
     overrides = [f"--input={p}" for p in inputs] + [
         f"--output={out}", "shard_mb=0.1", "engine=ray", "ray.split_mb=0.1", "ray.buckets=3",
-        f"ray.address={cluster.address}"]
+        f"ray.address={ray_two_nodes.address}"]
     command = [sys.executable, "-m", "kiln.cli", "curate", *overrides]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -119,7 +101,7 @@ def test_a_lost_node_and_a_killed_driver_resume_to_the_same_bytes(cluster, corpu
     deadline = time.time() + 120
     while len(list(done.glob("map-*.json"))) < 2 and time.time() < deadline and driver.poll() is None:
         time.sleep(0.2)
-    cluster.remove_node(spare)
+    ray_two_nodes.remove_node(spare)
     time.sleep(1.0)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
@@ -161,3 +143,15 @@ def test_engine_ray_refuses_single_machine_backends(corpus, tmp_path):
     with pytest.raises(ConfigError) as err:
         curate(cfg)
     assert "filters.engine=curator" in str(err.value) and "dedup_backend=gpu" in str(err.value)
+
+
+@pytest.mark.slow
+def test_an_unreadable_input_stops_the_run_naming_it(ray_two_nodes, corpus, tmp_path):
+    """Reading fails with EIO on every attempt: Ray retries it, then the run stops naming the file."""
+    inputs, _ = corpus
+    unreadable = tmp_path / "unreadable.jsonl"
+    unreadable.symlink_to("/proc/self/mem")  # any read at offset 0 fails with an I/O error
+    cfg = _config([inputs[1], str(unreadable)], tmp_path / "out", address=ray_two_nodes.address, max_task_retries=1)
+    with pytest.raises(ray_tasks.TaskFailed, match=rf"map-\d+ on {unreadable} failed after 1 retries: OSError"):
+        curate(cfg)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
