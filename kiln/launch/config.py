@@ -23,6 +23,15 @@ DEFAULT_SECRETS = ["HF_TOKEN", "WANDB_API_KEY", "NGC_API_KEY"]
 
 
 @dataclass
+class SlurmRayConfig:
+    """The Ray cluster kiln starts across a Slurm allocation for a stage with engine=ray (one Ray
+    node per Slurm node; Ray's CPUs per node: the stage's ray.num_cpus, else what Slurm allocated)."""
+
+    object_store_mb: int | None = ranged(None, AT_LEAST_1)  # per node; None: Ray's default (30% of memory)
+    start_timeout: int = ranged(600, AT_LEAST_1)  # seconds for the head and every worker to be up
+
+
+@dataclass
 class SlurmConfig:
     account: str = ""
     partition: str | None = None
@@ -44,6 +53,7 @@ class SlurmConfig:
     remote_job_dir: str | None = None  # ssh tunnel: where job files live on the cluster
     setup_lines: list = field(default_factory=list)  # shell lines before srun (module load ...)
     srun_args: list = field(default_factory=list)
+    ray: SlurmRayConfig = field(default_factory=SlurmRayConfig)  # stages with engine=ray
 
 
 @dataclass

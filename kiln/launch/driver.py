@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from kiln import overrides
-from kiln.launch import submit
+from kiln.launch import ray_slurm, submit
 from kiln.launch.config import LaunchConfig
 from kiln.launch.task import run_stage, to_run_config
 from kiln.pipeline import PipelineConfig, plan, status_table, summary_line
@@ -101,6 +101,7 @@ def launch_stage(stage: Stage, cfg, launch: LaunchConfig, nproc: int | None = No
 
     cfg = copy.deepcopy(cfg)
     apply_launch_policy(cfg, launch)
+    ray_slurm.check(cfg, launch)
     resolved, world = prepare(stage, cfg, world_size(stage, cfg, launch, nproc),
                               Check(files=file_checks(launch, dryrun)), echo)
     title = f"kiln-{stage.name}"
@@ -109,6 +110,8 @@ def launch_stage(stage: Stage, cfg, launch: LaunchConfig, nproc: int | None = No
             echo(load(stage.describe)(resolved, world))
         else:
             echo("# resolved config\n" + yaml.safe_dump(overrides.to_dict(resolved), sort_keys=False).rstrip())
+        if ray_slurm.engine(cfg) == "ray" and launch.executor == "slurm":
+            echo(ray_slurm.layout(resolved, launch))
         if launch.executor != "local" or world > 1:
             echo(submit.render(title, [submit.Task(stage.name, cfg, world)], launch))
         echo("nothing was started (--dryrun)")
@@ -140,6 +143,7 @@ def launch_pipeline(pipeline: PipelineConfig, launch: LaunchConfig, dryrun: bool
         stage = STAGES[p.name]
         cfg = copy.deepcopy(p.cfg)
         apply_launch_policy(cfg, launch)
+        ray_slurm.check(cfg, launch)
         _, world = prepare(stage, cfg, world_size(stage, cfg, launch),
                            Check(upcoming=set(upcoming), files=file_checks(launch, dryrun)), echo)
         upcoming.add(str(Path(stage.artifact_dir(cfg)).resolve()))

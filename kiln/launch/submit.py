@@ -6,11 +6,12 @@ serialized tasks plus `<task>.yaml`, each stage's resolved kiln config, for a re
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiln.launch import executors, slurm
+from kiln.launch import executors, ray_slurm, slurm
 from kiln.launch.config import LaunchConfig
 from kiln.launch.secrets import scrub
 from kiln.launch.task import run_stage, to_run_config
@@ -20,7 +21,7 @@ from kiln.stages import dump_config
 @dataclass
 class Task:
     name: str
-    cfg: object
+    cfg: object  # a stage config; a shell script (str); or a run.Script (a Ray driver: kiln.launch.ray_slurm)
     nproc: int = 1
     after: list = field(default_factory=list)  # names of tasks that must succeed first
 
@@ -53,12 +54,17 @@ def _add_all(exp, tasks: list[Task], launch: LaunchConfig, dryrun: bool = False)
 
     ids: dict[str, str] = {}
     for task in tasks:
+        after = [ids[a] for a in task.after] or None
+        if ray_slurm.starts_cluster(task.cfg, launch):  # engine=ray: a Ray cluster across the allocation
+            ids[task.name] = exp.add(ray_slurm.driver(task.name, task.cfg), executor=ray_slurm.executor(launch),
+                                     name=task.name, dependencies=after)
+            ray_slurm.complete(exp.jobs[-1], launch, task.cfg)
+            continue
         executor = executors.build(launch, task.nproc, dryrun)
         # a string is a shell script (another framework's trainer); a config is a kiln stage
         fn = run.Script(inline=task.cfg) if isinstance(task.cfg, str) else \
             run.Partial(run_stage, cfg=to_run_config(task.cfg))
-        ids[task.name] = exp.add(fn, executor=executor, name=task.name,
-                                 dependencies=[ids[a] for a in task.after] or None)
+        ids[task.name] = exp.add(fn, executor=executor, name=task.name, dependencies=after)
         if launch.executor == "slurm":
             _add_exit_trap(exp.jobs[-1].executor, launch)
     return ids
@@ -103,7 +109,7 @@ def submit(title: str, tasks: list[Task], launch: LaunchConfig, detach: bool = F
         exp.run(detach=detach or on_slurm, tail_logs=tail_logs and not on_slurm)
         exp_dir = Path(exp._exp_dir)  # NeMo-Run creates it when the run starts
         for task in tasks:
-            if not isinstance(task.cfg, str):
+            if dataclasses.is_dataclass(task.cfg):
                 dump_config(task.cfg, exp_dir / f"{task.name}.yaml")
         job_ids = {job.id: slurm.job_id(job.handle) for job in exp.jobs} if on_slurm else {}
     if detach:

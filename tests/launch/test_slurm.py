@@ -9,7 +9,6 @@ exit trap on the batch host; a rank that called scontrol would fail the test."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -19,43 +18,12 @@ import pytest
 from kiln.launch import slurm, submit
 from kiln.launch.config import LaunchConfig
 from kiln.recipes.pretrain import tiny
-from tests.conftest import ROOT, read_metrics, tiny_overrides
+from tests.conftest import read_metrics, tiny_overrides
+from tests.launch.conftest import needs_slurm
 
-CLUSTER = ROOT / "slurm" / "local-cluster.sh"
 STEPS = 12
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("slurmctld") or not shutil.which("munged"),
-    reason="needs root and Debian's slurm-wlm and munge (.ci/run installs them)",
-)]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    state = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "KILN_SLURM_DIR": str(state), "KILN_SLURMCTLD_PORT": "16817",
-           "KILN_SLURMD_PORT": "16818"}
-    out = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
-    yield state
-    subprocess.run(["bash", str(CLUSTER), "stop"], env=env, timeout=60)
-    os.environ.pop("SLURM_CONF", None)
-
-
-SLURM_COMMANDS = ("scontrol", "sbatch", "squeue", "scancel", "sinfo", "sacct")
-
-
-@pytest.fixture(scope="module")
-def no_slurm_in_tasks(tmp_path_factory) -> Path:
-    """A directory of stand-ins for Slurm's commands that fail, as if absent."""
-    stubs = tmp_path_factory.mktemp("no-slurm")
-    for name in SLURM_COMMANDS:
-        message = f"{name}: not available inside the job's container"
-        (stubs / name).write_text(f'#!/bin/sh\necho "{message}" >&2\nexit 127\n')
-        (stubs / name).chmod(0o755)
-    return stubs
+pytestmark = [pytest.mark.slow, needs_slurm]  # the cluster and no_slurm_in_tasks fixtures: conftest.py
 
 
 def launch_config(no_slurm: Path) -> LaunchConfig:
