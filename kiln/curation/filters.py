@@ -42,6 +42,8 @@ def build(cfg: FilterConfig) -> list[tuple[str, object]]:
         WordCountFilter,
     )
 
+    from kiln.curation.top_ngrams import FirstTopNGramsFilter
+
     filters = [
         ("word_count", WordCountFilter(min_words=cfg.min_words, max_words=cfg.max_words)),
         ("mean_word_length", MeanWordLengthFilter(cfg.min_mean_word_length, cfg.max_mean_word_length)),
@@ -49,7 +51,7 @@ def build(cfg: FilterConfig) -> list[tuple[str, object]]:
         ("non_alpha_numeric", NonAlphaNumericFilter(cfg.max_non_alpha_numeric_to_text_ratio)),
         ("repeated_lines", rep.RepeatedLinesFilter(cfg.max_repeated_line_fraction)),
         ("repeated_paragraphs", rep.RepeatedParagraphsFilter(cfg.max_repeated_paragraphs_ratio)),
-        *[(f"top_{n}grams", rep.RepeatingTopNGramsFilter(n=int(n), max_repeating_ngram_ratio=ratio))
+        *[(f"top_{n}grams", FirstTopNGramsFilter(n=int(n), max_repeating_ngram_ratio=ratio))
           for n, ratio in sorted(cfg.max_top_ngram_ratios.items(), key=lambda item: int(item[0]))],
         *[(f"duplicate_{n}grams", rep.RepeatingDuplicateNGramsFilter(n=int(n), max_repeating_duplicate_ngram_ratio=r))
           for n, r in sorted(cfg.max_duplicate_ngram_ratios.items(), key=lambda item: int(item[0]))],

@@ -242,3 +242,17 @@ def test_warc_and_html_pages_become_their_main_text(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "out" / "curated_00000.jsonl").read_text().splitlines()]
     assert report["documents_out"] == 2 and rows[0]["id"] == f"{path}:http://a.example/1"
     assert "Home | About" not in rows[0]["text"] and body.split("</p>")[0][:40] in rows[0]["text"]
+
+
+def test_top_ngram_filter_breaks_ties_by_first_occurrence_whatever_the_hash_seed():
+    """Curator's filter picks among equally frequent n-grams in set order (PYTHONHASHSEED); kiln's
+    takes the first to occur, so every process judges a document alike."""
+    import subprocess
+    import sys
+
+    text = "a b a b xxxx yyyy xxxx yyyy"  # "a b" and "xxxx yyyy" each occur twice
+    probe = ("from kiln.curation.top_ngrams import FirstTopNGramsFilter as F;"
+             f"print(F(n=2, max_repeating_ngram_ratio=0.2).score_document({text!r}))")
+    scores = {subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip() for seed in range(4)}
+    assert scores == {str((len(text) - len(text.replace("a b", ""))) / len(text))}
