@@ -94,7 +94,9 @@ def run(phase: str, tasks: list[Task], work: Path, retries: int,
         else:
             pending.append(task)
     report = PhaseReport(tasks=len(tasks), reused=len(tasks) - len(pending))
-    remote = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=[OSError])(_execute)
+    # SPREAD: a phase's tasks go round the nodes, so reading and writing use every node's disk and network
+    remote = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=[OSError],
+                        scheduling_strategy="SPREAD")(_execute)
     running = {remote.remote(t.fn, t.args, str(done_dir / f"{t.key}.json")): t for t in pending}
     progress = _Progress(phase, len(tasks), report.reused, counter)
     try:
