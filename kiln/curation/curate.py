@@ -59,6 +59,15 @@ def validate(cfg: CurateConfig, check: Check, problems: Problems) -> None:
     check_output_dir("output_dir", cfg.output_dir, problems)
 
 
+def _pool(workers: int):
+    """Worker processes forked from a forkserver, not from this process: a process holding threads
+    (a Ray cluster's gRPC clients, a tokenizer's pool) can fork a child that deadlocks on a lock
+    one of them held (seen: a test process that had started Ray)."""
+    context = get_context("forkserver")
+    context.set_forkserver_preload(["kiln.curation.screen"])
+    return context.Pool(workers)
+
+
 def _chunks(iterable, size):
     it = iter(iterable)
     while chunk := list(islice(it, size)):

@@ -49,3 +49,21 @@ def test_two_nodes_write_the_local_engines_dataset_and_a_list_of_prefixes(ray_tw
     assert sum(p["documents"] for p in parts) == local["documents"] and min(p["documents"] for p in parts) > 0
     joined = b"".join(Path(f"{prefix}.bin").read_bytes() for prefix in kept["prefixes"])
     assert joined == (tmp_path / "local" / f"{name}.bin").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_cluster_kiln_starts_is_gone_when_the_run_ends(tmp_path, monkeypatch):
+    """No ray.address and no $RAY_ADDRESS: kiln starts a local cluster and stops every process of it."""
+    import os
+
+    import psutil
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    before = {p.pid for p in psutil.process_iter()}
+    summary = prepare(PrepareConfig(inputs=[str(ROOT / "data/demo/corpus.jsonl")], output_dir=str(tmp_path / "out"),
+                                    vocab_size=1024, engine="ray", ray=RayConfig(num_cpus=1, split_mb=0.1)))
+    assert summary["engine"]["tasks"] >= 3 and summary["engine"]["nodes"] == 1
+    left = [(p.pid, p.info["name"]) for p in psutil.process_iter(["name", "cmdline", "ppid"])
+            if p.pid not in before and p.pid != os.getpid() and p.info["ppid"] != os.getpid()
+            and ("ray" in p.info["name"].lower() or "ray" in " ".join(p.info["cmdline"] or [])[:200])]
+    assert not left, left
