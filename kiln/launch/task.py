@@ -44,10 +44,10 @@ def run_stage(cfg):
 def execute(cfg):
     """Run the stage in this process. One stopped by preemption exits EXIT_PREEMPTED after rank 0
     has asked Slurm to run the job again (requeue, or a dependent resubmission)."""
+    from kiln.training.preemption import EXIT_PREEMPTED
+
     result = stage_for(cfg).run(cfg)
     if isinstance(result, dict) and "preempted_at" in result:
-        from kiln.training.preemption import EXIT_PREEMPTED  # torch: imported only where a stage trained
-
         if "SLURM_JOB_ID" in os.environ and rank() == 0:
             from kiln.launch.slurm import after_preemption
 
