@@ -138,7 +138,7 @@ def main() -> None:
     engine = build_engine(cfg, device)
     train_ds, _ = gpt_dataset.build_datasets(cfg.data, cfg.train, _tokenizer(cfg), f"{run_dir}/cache")
     metrics = MetricsLogger(run_dir, cfg.logging, steps, enabled=True)
-    kiln_step = StepRunner(cfg, engine, pretraining_task(cfg, engine, train_ds, None, 1, device), metrics, device, 1)
+    kiln_step = StepRunner(cfg, engine, pretraining_task(cfg, engine, train_ds, {}, 1, device), metrics, device, 1)
     bare = BareLoop(cfg, train_ds, device)
     params = sum(p.numel() for p in bare.model.parameters())
 

@@ -104,7 +104,7 @@ def _train(cfg: SFTConfig, rank: int, world: int, device, started: float, reques
     if "steps" not in summary:
         return summary
     summary["data"] = reports
-    if adapted:
+    if adapted and not summary.get("eval_only"):
         summary["adapter"] = str(export_adapter(cfg, engine, rank))
         if cfg.lora.merge:
             summary.update(merge_and_save(cfg, engine, task, summary["steps"]))

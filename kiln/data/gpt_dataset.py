@@ -40,30 +40,69 @@ def check_prefixes(prefixes: list[str]) -> None:
                 )
 
 
+def source_names(prefixes: list[str]) -> list[str]:
+    """Metric names for blend sources: each prefix's basename without kiln prepare's
+    `_text_document` suffix; a repeated name gets _2, _3, ... in blend order."""
+    names: list[str] = []
+    for prefix in prefixes:
+        base = Path(prefix).name.removesuffix("_text_document") or Path(prefix).name
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}_{n}"
+        names.append(name)
+    return names
+
+
+def valid_samples(train: TrainConfig) -> int:
+    """Every validation round reads the same held-out samples: eval_steps global batches."""
+    return train.eval_steps * train.global_batch_size
+
+
 def build_datasets(data: DataConfig, train: TrainConfig, tokenizer, cache_dir: str):
-    """(train, valid) megatron-core datasets, sized for the whole run."""
+    """(train or None, {source name: valid dataset}) as megatron-core datasets.
+
+    Train is the blend (megatron-core's BlendedDataset), sized for the whole run; none for an
+    eval-only run (train.steps=0). Validation is one GPTDataset per blend source: the valid split
+    of that prefix alone, built exactly as a run with data.blend=[prefix] builds it, so a source
+    scores the same in any blend."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-    config = GPTDatasetConfig(
-        random_seed=train.seed,
-        sequence_length=train.seq_length,
-        blend=None if data.mock else blend(data),
-        split=data.split,
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,  # causal masking happens inside attention
-        path_to_cache=cache_dir,
-    )
-    if not data.mock:
-        check_prefixes(config.blend[0])
-    evals = (train.steps // train.eval_interval + 1) * train.eval_steps if train.eval_interval else 0
-    sizes = [train.steps * train.global_batch_size, evals * train.global_batch_size, 0]
-    cls = MockGPTDataset if data.mock else GPTDataset
-    train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
-    return train_ds, valid_ds
+    def config(prefixes_weights):
+        return GPTDatasetConfig(
+            random_seed=train.seed,
+            sequence_length=train.seq_length,
+            blend=prefixes_weights,
+            split=data.split,
+            tokenizer=tokenizer,
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,  # causal masking happens inside attention
+            path_to_cache=cache_dir,
+        )
+
+    validates = train.eval_interval > 0 or train.steps == 0
+    n_valid = valid_samples(train) if validates else 0
+    if data.mock:
+        sizes = [train.steps * train.global_batch_size, n_valid, 0]
+        train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(MockGPTDataset, sizes, lambda: True,
+                                                              config(None)).build()
+        return train_ds if train.steps else None, {"mock": valid_ds} if validates else {}
+    prefixes, weights = blend(data)
+    check_prefixes(prefixes)
+    train_ds = None
+    if train.steps:
+        sizes = [train.steps * train.global_batch_size, 0, 0]
+        train_ds = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True,
+                                                 config((prefixes, weights))).build()[0]
+    valid = {}
+    if validates:
+        for name, prefix in zip(source_names(prefixes), prefixes, strict=True):
+            valid[name] = BlendedMegatronDatasetBuilder(GPTDataset, [0, n_valid, 0], lambda: True,
+                                                        config(([prefix], None))).build()[1]
+    return train_ds, valid
 
 
 @dataclass

@@ -50,13 +50,15 @@ def build_engine(cfg: PretrainConfig, device: torch.device, transform: Callable 
     torch.manual_seed(cfg.train.seed)  # host-side initialisation of the weights
     chunks, tconfig = build_model(cfg.model, cfg.parallel, precision, device, cfg.optimizer.distributed,
                                   transform)
-    optimizer = build_optimizer(cfg.optimizer, chunks, precision)
-    scheduler = build_scheduler(cfg.optimizer, cfg.schedule, optimizer, cfg.train.steps)
+    optimizer = scheduler = None
+    if cfg.train.steps:  # an eval-only run (train.steps=0) needs neither
+        optimizer = build_optimizer(cfg.optimizer, chunks, precision)
+        scheduler = build_scheduler(cfg.optimizer, cfg.schedule, optimizer, cfg.train.steps)
     # without these two hooks megatron-core never all-reduces DP gradients, and nothing errors
     tconfig.finalize_model_grads_func = finalize_model_grads
     no_sync = [c.no_sync for c in chunks]
     tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-    if precision == "fp16":
+    if precision == "fp16" and optimizer is not None:
         tconfig.grad_scale_func = optimizer.scale_loss
     return Engine(chunks, tconfig, optimizer, scheduler, device, precision)
 

@@ -11,10 +11,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln import overrides
+from kiln.errors import CheckpointError
 from kiln.training import checkpoint as ckpt
 from kiln.training.engine import eval_step, train_step
 from kiln.training.metrics import MetricsLogger, flops_per_token
 from kiln.training.preemption import EXIT_PREEMPTED, PreemptionHandler
+
+
+@dataclass
+class ValidSource:
+    """One held-out data source of a blend: its name in metric keys and its normalized weight."""
+
+    name: str
+    weight: float
+    batches: Callable[[int], Iterator[dict]]  # eval batch index -> microbatches
 
 
 @dataclass
@@ -26,6 +36,9 @@ class Task:
     rows_per_sample: int = 1  # sequences per sample: 2 for preference pairs (chosen, rejected)
     report_names: tuple[str, ...] = ("loss",)
     valid_batches: Callable[[int], Iterator[dict]] | None = None  # eval batch index -> microbatches
+    # a blend's sources, scored one by one (val_loss/<name>) and as a weighted total (val_loss);
+    # when set, valid_batches is unused
+    valid_sources: list[ValidSource] = field(default_factory=list)
     tokenizer: str | None = None  # recorded in checkpoints, so conversion finds it
     describe: str = ""
     # model tensors that checkpoint.load_weights cannot hold (new adapters or heads): they keep
@@ -49,6 +62,7 @@ class StepRunner:
         self.microbatches = cfg.num_microbatches(world)
         vocab = cfg.model.padded_vocab_size(cfg.parallel.tp)
         self.flops = flops_per_token(cfg.model, cfg.train.seq_length, vocab)
+        self.validation: dict | None = None  # the latest round: {"step", "val_loss", ...}, for the manifest
 
     def __call__(self, step: int) -> dict:
         t = self.cfg.train
@@ -63,18 +77,35 @@ class StepRunner:
                   "s_per_step": seconds, **({"skipped": 1} if "skipped" in result else {})}
         if self.device.type == "cuda":
             record["tflops_per_gpu"] = self.flops * self.task.tokens_per_step / seconds / self.world / 1e12
-        if t.eval_interval and self.task.valid_batches and (step + 1) % t.eval_interval == 0:
-            record.update({f"val_{k}": v for k, v in self.evaluate((step + 1) // t.eval_interval).items()})
+        if t.eval_interval and self.sources and (step + 1) % t.eval_interval == 0:
+            record.update(self.validate(step + 1))
         self.metrics.log(step + 1, record)
         return record
 
-    def evaluate(self, round_index: int) -> dict[str, float]:
-        """Mean validation reports over eval_steps global batches; each round reads new samples."""
+    @property
+    def sources(self) -> list[ValidSource]:
+        if self.task.valid_sources:
+            return self.task.valid_sources
+        return [ValidSource("", 1.0, self.task.valid_batches)] if self.task.valid_batches else []
+
+    def validate(self, step: int) -> dict[str, float]:
+        """val_<report> for every report; with several sources, val_<report>/<source> for each and
+        val_<report> = sum of normalized weight x that source's mean (the loss expected under the
+        training mixture, each source measured on its own held-out samples)."""
+        scores = {s.name: self.evaluate(s.batches) for s in self.sources}
+        record = {f"val_{k}": sum(s.weight * scores[s.name][k] for s in self.sources) for k in self.task.report_names}
+        if len(self.sources) > 1:
+            record.update({f"val_{k}/{name}": v for name, score in scores.items() for k, v in score.items()})
+        self.validation = {"step": step, **record}
+        return record
+
+    def evaluate(self, valid_batches: Callable[[int], Iterator[dict]]) -> dict[str, float]:
+        """Mean reports over eval batches 0..eval_steps-1: every round (step 0, each eval_interval,
+        an eval-only run) reads the same held-out samples, so rounds differ only by the model."""
         t = self.cfg.train
         totals: dict[str, float] = {}
-        for i in range(t.eval_steps):
-            index = (round_index - 1) * t.eval_steps + i
-            result = eval_step(self.engine, lambda index=index: self.task.valid_batches(index), self.microbatches,
+        for index in range(t.eval_steps):
+            result = eval_step(self.engine, lambda index=index: valid_batches(index), self.microbatches,
                                t.seq_length, t.micro_batch_size * self.task.rows_per_sample, self.task.forward_step,
                                self.task.report_names)
             for key, value in result.items():
@@ -101,29 +132,45 @@ def manifest_inputs(cfg, *extra_checkpoints: str | None) -> list[str]:
     return files + ckpt.loaded_checkpoints(cfg.checkpoint.load_weights, *extra_checkpoints)
 
 
+def _load(cfg, engine, task: Task, weights_only: bool) -> tuple[int, Path | None]:
+    """Resume (the newest checkpoint in checkpoint.dir) or load starting weights; returns the
+    step to continue from and what was loaded. `weights_only` leaves optimizer and schedule out."""
+    if cfg.checkpoint.resume and ckpt.latest(cfg.checkpoint_dir) is not None:
+        source = ckpt.latest(cfg.checkpoint_dir)
+        if task.adapter_only:
+            ckpt.load(cfg.checkpoint.load_weights, engine.chunks, fresh=task.new_keys)
+        if weights_only:
+            return ckpt.load(source, engine.chunks, fresh=_base_keys(task)).get("step", 0), source
+        start_step = ckpt.load(source, engine.chunks, engine.optimizer, engine.scheduler,
+                               fresh=_base_keys(task))["step"]
+        for name, companion in task.companions.items():
+            ckpt.load(Path(cfg.checkpoint_dir) / name / ckpt.name(start_step), companion.chunks,
+                      companion.optimizer, companion.scheduler)
+        return start_step, source
+    if cfg.checkpoint.load_weights:
+        source = ckpt.resolve(cfg.checkpoint.load_weights)
+        state = ckpt.load(source, engine.chunks, fresh=task.new_keys)
+        return (state.get("step", 0) if weights_only else 0), source
+    return 0, None
+
+
 def _base_keys(task: Task):
     return (lambda key: not task.new_keys(key)) if task.adapter_only else None
 
 
 def train(cfg, engine, task: Task, rank: int, world: int, device) -> dict:
     """Run `task` to cfg.train.steps. Returns {"steps", "final", "checkpoint"}, or {"preempted_at"} /
-    {"stopped_at"} when the run ends early on purpose."""
+    {"stopped_at"} when the run ends early on purpose. With train.steps=0 it only scores the loaded
+    weights on the validation data: {"eval_only", "steps" (the checkpoint's step), "validation",
+    "checkpoint"}; no optimizer step, no checkpoint written."""
     t = cfg.train
-    start_step, source = 0, None
-    if cfg.checkpoint.resume and ckpt.latest(cfg.checkpoint_dir) is not None:
-        source = ckpt.latest(cfg.checkpoint_dir)
-        if task.adapter_only:
-            ckpt.load(cfg.checkpoint.load_weights, engine.chunks, fresh=task.new_keys)
-        start_step = ckpt.load(source, engine.chunks, engine.optimizer, engine.scheduler,
-                               fresh=_base_keys(task))["step"]
-        for name, companion in task.companions.items():
-            ckpt.load(Path(cfg.checkpoint_dir) / name / ckpt.name(start_step), companion.chunks,
-                      companion.optimizer, companion.scheduler)
-    elif cfg.checkpoint.load_weights:
-        source = ckpt.resolve(cfg.checkpoint.load_weights)
-        ckpt.load(source, engine.chunks, fresh=task.new_keys)
-
-    metrics = MetricsLogger(cfg.run_dir, cfg.logging, t.steps, enabled=rank == 0, resumed=start_step > 0)
+    evaluating = t.steps == 0
+    start_step, source = _load(cfg, engine, task, weights_only=evaluating)
+    if evaluating and source is None:
+        raise CheckpointError(f"train.steps=0 scores a checkpoint, but {cfg.checkpoint_dir} holds none and "
+                              f"checkpoint.load_weights is unset: set checkpoint.load_weights=<checkpoint or run dir>")
+    metrics = MetricsLogger(cfg.run_dir, cfg.logging, t.steps, enabled=rank == 0,
+                            resumed=start_step > 0 and not evaluating)
     if rank == 0:
         p = cfg.parallel
         print(f"kiln {task.name}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size} | "
@@ -133,10 +180,18 @@ def train(cfg, engine, task: Task, rank: int, world: int, device) -> dict:
         if source is not None:
             print(f"loaded {source} at step {start_step}", flush=True)
     runner = StepRunner(cfg, engine, task, metrics, device, world)
+    if evaluating:
+        try:
+            metrics.log(start_step, runner.validate(start_step), echo=True)
+        finally:
+            metrics.close()
+        return {"eval_only": True, "steps": start_step, "validation": runner.validation, "checkpoint": str(source)}
     preemption = PreemptionHandler(t.preempt_signals)
     last: dict = {}
     step = start_step
     try:
+        if t.eval_interval and runner.sources and start_step == 0:
+            metrics.log(0, runner.validate(0))  # the curve starts from the initial (or loaded) weights
         while step < t.steps:
             last = runner(step)
             step += 1
@@ -155,4 +210,5 @@ def train(cfg, engine, task: Task, rank: int, world: int, device) -> dict:
     finally:
         preemption.restore()
         metrics.close()
-    return {"steps": step, "final": last, "checkpoint": str(Path(cfg.checkpoint_dir) / ckpt.name(step))}
+    return {"steps": step, "final": last, "checkpoint": str(Path(cfg.checkpoint_dir) / ckpt.name(step)),
+            **({"validation": runner.validation} if runner.validation else {})}

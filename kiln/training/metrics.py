@@ -70,7 +70,9 @@ class MetricsLogger:
                             step, loss, self.cfg.loss_spike_factor, mean)
         self.recent.append(loss)
 
-    def log(self, step: int, record: dict) -> None:
+    def log(self, step: int, record: dict, echo: bool = False) -> None:
+        """Record `step`; print it every log_interval steps, or when `echo`. A validation-only
+        record (step 0, eval-only) holds val_* keys and no training loss."""
         if not self.enabled:
             return
         self._jsonl.write(json.dumps({"step": step, **record}) + "\n")
@@ -78,9 +80,9 @@ class MetricsLogger:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and value is not None:
                     self._tb.add_scalar(key.replace(" ", "_"), value, step)
-        if self._progress is not None:
-            self._progress.update(self._task, completed=step, loss=f"{record.get('loss', 0):.4f}")
-        if step % self.cfg.log_interval == 0:
+        if self._progress is not None and "loss" in record:
+            self._progress.update(self._task, completed=step, loss=f"{record['loss']:.4f}")
+        if echo or step % self.cfg.log_interval == 0:
             parts = [f"step {step:>6}"] + [_fmt(k, v) for k, v in record.items() if v is not None]
             line = " | ".join(parts)
             if self._progress is not None:

@@ -84,25 +84,31 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device, started: float,
            request: PretrainConfig) -> dict:
     t = cfg.train
     engine = build_engine(cfg, device)
-    train_ds, valid_ds = gpt_dataset.build_datasets(
+    train_ds, valid = gpt_dataset.build_datasets(
         cfg.data, t, _tokenizer(cfg), cfg.data.cache_dir or str(Path(cfg.run_dir) / "data_cache")
     )
-    task = pretraining_task(cfg, engine, train_ds, valid_ds, world, device)
+    task = pretraining_task(cfg, engine, train_ds, valid, world, device)
     summary = loop.train(cfg, engine, task, rank, world, device)
     if rank == 0 and "steps" in summary:
         write_manifest(cfg.run_dir, "pretrain", cfg, _input_files(cfg), summary, started, request=request)
     return summary
 
 
-def pretraining_task(cfg: PretrainConfig, engine, train_ds, valid_ds, world: int, device) -> loop.Task:
+def pretraining_task(cfg: PretrainConfig, engine, train_ds, valid: dict, world: int, device) -> loop.Task:
+    """`valid`: source name -> valid dataset (gpt_dataset.build_datasets); weighted as in data.blend."""
     t = cfg.train
     order = gpt_dataset.BatchOrder(t.micro_batch_size, t.global_batch_size, engine.dp_rank, engine.dp_size)
     count = cfg.num_microbatches(world)
+
+    def batches(dataset):
+        return lambda step: gpt_dataset.microbatches(dataset, order, step, count, device)
+
+    weights = (gpt_dataset.blend(cfg.data)[1] if valid and not cfg.data.mock else None) or [1.0] * len(valid)
     return loop.Task(
         name="pretrain",
-        batches=lambda step: gpt_dataset.microbatches(train_ds, order, step, count, device),
-        valid_batches=(lambda index: gpt_dataset.microbatches(valid_ds, order, index, count, device))
-        if valid_ds is not None else None,
+        batches=batches(train_ds),
+        valid_sources=[loop.ValidSource(name, w / sum(weights), batches(ds))
+                       for (name, ds), w in zip(valid.items(), weights, strict=True)],
         forward_step=lm_forward_step,
         tokens_per_step=t.global_batch_size * t.seq_length,
         tokenizer=cfg.data.tokenizer,

@@ -8,8 +8,10 @@ them again on the config it received.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+from kiln.artifact import read_manifest
 from kiln.config import ChatDataConfig, PretrainConfig
 from kiln.training.shapes import check_weights
 from kiln.validation import Check, Problems, check_output_dir, check_ranges
@@ -33,7 +35,10 @@ def rules(cfg: PretrainConfig, check: Check, problems: Problems) -> None:
     if any(line.startswith(("parallel.", "model.", "train.")) for line in problems.lines[before:]):
         return  # the layout rules below divide by these values
     layout_rules(cfg, check.world_size, problems)
-    schedule_rules(cfg, problems)
+    if cfg.train.steps:
+        schedule_rules(cfg, problems)
+    else:
+        eval_only_rules(cfg, check, problems)
     check_output_dir("run_dir", cfg.run_dir, problems)
     if isinstance(cfg.data, ChatDataConfig):
         finetune_rules(cfg, check, problems)
@@ -148,6 +153,36 @@ def schedule_rules(cfg: PretrainConfig, problems: Problems) -> None:
     if 0 < o.lr < o.min_lr:
         problems.add(f"optimizer.min_lr={o.min_lr} is above optimizer.lr={o.lr}: the schedule decays from lr to "
                      f"min_lr, so lower min_lr")
+
+
+def eval_only_rules(cfg: PretrainConfig, check: Check, problems: Problems) -> None:
+    """train.steps=0 scores a checkpoint on the validation data; it needs both, and a run_dir of its own."""
+    c, d = cfg.checkpoint, cfg.data
+    if not c.load_weights and not c.resume:
+        problems.add("train.steps=0 (eval-only) scores a checkpoint: set checkpoint.load_weights=<checkpoint or "
+                     "run dir>, or checkpoint.resume=true with checkpoint.dir holding one")
+    elif not c.load_weights and check.files != "skip" and not (Path(cfg.checkpoint_dir) / "latest").exists():
+        check.missing(problems, f"train.steps=0 (eval-only) with checkpoint.resume=true: {cfg.checkpoint_dir} holds no "
+                                f"checkpoint (no `latest`): set checkpoint.load_weights or checkpoint.dir")
+    if isinstance(d, ChatDataConfig):
+        if type(cfg).__name__ == "RLHFConfig":
+            problems.add("train.steps=0 (eval-only): rlhf has no validation data to score; use train.steps >= 1")
+        elif not d.valid:
+            problems.add("train.steps=0 (eval-only) scores the validation data, but data.valid is unset: "
+                         "give data.valid=<JSONL file>")
+    elif not d.mock and _valid_weight(d.split) == 0:
+        problems.add(f"train.steps=0 (eval-only) scores the validation split, but data.split={d.split!r} gives it "
+                     f"no weight: use e.g. data.split=98,2,0")
+    run = Path(cfg.run_dir)
+    if (run / "metrics.jsonl").exists() and not (read_manifest(run) or {}).get("summary", {}).get("eval_only"):
+        problems.add(f"run_dir={cfg.run_dir} holds a training run, whose metrics.jsonl and kiln.json an eval-only "
+                     f"run would replace: give a new run_dir and checkpoint.load_weights={cfg.run_dir}")
+
+
+def _valid_weight(split: str) -> float:
+    """The valid share of a "train,valid,test" split string, read as megatron-core reads it."""
+    weights = [float(x) for x in re.findall(r"[.0-9]+", split)] + [0.0, 0.0]
+    return weights[1]
 
 
 def pretrain_data_rules(cfg: PretrainConfig, check: Check, problems: Problems) -> None:
