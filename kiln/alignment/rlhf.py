@@ -230,8 +230,8 @@ def value_forward_step(clip_eps: float):
 
 
 def _train(cfg: RLHFConfig, rank: int, world: int, device, started: float, request: RLHFConfig) -> dict:
-    from kiln.alignment.generate import generate
     from kiln.alignment.losses import group_advantages
+    from kiln.training.generate import generate
 
     ensure_valid(cfg, validate, check=Check(world_size=world), what="the rlhf config")
     cfg.logging.loss_spike_factor = 0  # a policy-gradient loss hovers around zero: no descent to watch

@@ -7,9 +7,13 @@ receives the previous stage's hidden states, runs its layers (each stage keeps t
 its own layers) and sends its output on; the last stage samples, and the new tokens are
 broadcast to every stage of the pipeline for the next step. megatron-core's own inference
 engines do this with CUDA-only machinery, so kiln does it with plain send/recv here.
+
+Used by RLHF rollouts (`generate`) and by `kiln serve` (`stream`, `token_logprobs`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -33,10 +37,23 @@ def sample(logits: torch.Tensor, gen: GenerationConfig, generator: torch.Generat
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def generate(model, prompt: list[int], count: int, gen: GenerationConfig, stop: set[int], vocab_size: int,
              seed: int) -> list[list[int]]:
     """`count` completions of one prompt (stop token included when reached)."""
+    out: list[list[int]] = [[] for _ in range(count)]
+    for nxt in stream(model, prompt, count, gen, stop, vocab_size, seed):
+        for row in range(count):
+            if not out[row] or out[row][-1] not in stop:
+                out[row].append(int(nxt[row]))
+    return out
+
+
+@torch.no_grad()
+def stream(model, prompt: list[int], count: int, gen: GenerationConfig, stop: set[int], vocab_size: int,
+           seed: int) -> Iterator[torch.Tensor]:
+    """Each step's next tokens [count], on every rank, until every row has drawn a stop token (a
+    finished row keeps drawing; its later tokens mean nothing) or after gen.max_new_tokens. A
+    consumer may stop early (stop strings): every rank must then stop at the same step."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
     device = next(model.parameters()).device
@@ -48,34 +65,53 @@ def generate(model, prompt: list[int], count: int, gen: GenerationConfig, stop: 
 
     def last_logits(inputs: torch.Tensor, start: int) -> torch.Tensor | None:
         """The last position's logits on the last stage (None on the others)."""
-        positions = torch.arange(start, start + inputs.size(1), device=device).expand(count, -1)
-        stages.receive(inputs.size(1), count)
-        out = model(inputs, positions, None, inference_context=context, runtime_gather_output=True)
+        out = stages.forward(inputs, start, context)
         context.sequence_len_offset += inputs.size(1)
-        if not stages.last:
-            stages.send(out)
-            return None
-        return out[:, -1, :vocab_size]  # the padded vocabulary rows are never sampled
+        return None if out is None else out[:, -1, :vocab_size]  # the padded vocabulary rows are never sampled
 
     was_training = model.training
     model.eval()
     try:
         logits = last_logits(tokens, 0)
-        out: list[list[int]] = [[] for _ in range(count)]
         done = torch.zeros(count, dtype=torch.bool)
         for i in range(gen.max_new_tokens):
             drawn = sample(logits, gen, generator) if stages.last else torch.zeros(count, dtype=torch.long)
             nxt = stages.share(drawn)
-            for row in range(count):
-                if not done[row]:
-                    out[row].append(int(nxt[row]))
+            yield nxt
             done |= torch.tensor([int(t) in stop for t in nxt])
             if done.all() or i + 1 == gen.max_new_tokens:
                 break
             logits = last_logits(nxt[:, None].to(device), len(prompt) + i)
     finally:
         model.train(was_training)
-    return out
+
+
+@torch.no_grad()
+def token_logprobs(model, tokens: list[int], vocab_size: int, top: int):
+    """Log-probabilities of tokens[1:] given what precedes each, and the `top` most likely tokens
+    at each of those positions (values [n-1, top], ids [n-1, top]), on every rank: one forward
+    over the whole sequence, without a KV cache."""
+    stages = Stages(model)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = stages.forward(torch.tensor([tokens], device=stages.device), 0, None)
+    finally:
+        model.train(was_training)
+    n, k = len(tokens) - 1, max(top, 1)
+    if stages.last:
+        chosen, values, ids = scored(logits[0, :-1, :vocab_size], tokens[1:], k)
+    else:  # filled by the last stage's broadcast
+        chosen, values, ids = torch.zeros(n), torch.zeros(n, k), torch.zeros(n, k, dtype=torch.long)
+    return stages.share(chosen), stages.share(values), stages.share(ids)
+
+
+def scored(logits: torch.Tensor, targets: list[int], top: int):
+    """From next-token logits [n, V]: each target's log-probability [n], and the `top` best
+    log-probabilities [n, top] with their token ids."""
+    logps = logits.float().cpu().log_softmax(-1)
+    best = logps.topk(top, dim=-1)
+    return logps.gather(1, torch.tensor(targets)[:, None])[:, 0], best.values, best.indices
 
 
 class Stages:
@@ -92,6 +128,18 @@ class Stages:
         self.config = get_attr_wrapped_model(model, "config")
         self.device = next(model.parameters()).device
 
+    def forward(self, inputs: torch.Tensor, start: int, context) -> torch.Tensor | None:
+        """This stage's part of one forward of `inputs` [rows, tokens] at positions from `start`:
+        the logits (gathered over TP) on the last stage, None on the others."""
+        rows, count = inputs.shape
+        positions = torch.arange(start, start + count, device=self.device).expand(rows, -1)
+        self.receive(count, rows)
+        out = self.model(inputs, positions, None, inference_context=context, runtime_gather_output=True)
+        if not self.last:
+            self.send(out)
+            return None
+        return out
+
     def receive(self, tokens: int, rows: int) -> None:
         if self.first:
             return
@@ -104,7 +152,7 @@ class Stages:
         torch.distributed.send(hidden.contiguous(), dst=self.ps.get_pipeline_model_parallel_next_rank())
 
     def share(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The last stage's sampled tokens, on every stage."""
+        """The last stage's tensor (sampled tokens, log-probabilities), on every stage."""
         if self.size == 1:
             return tokens
         out = tokens.to(self.device)
