@@ -21,6 +21,7 @@ takes the first of duplicate keys, where kiln stops with file:line (and JSON tak
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ BLOCK = 16 << 20  # bytes of JSONL parsed and tokenized at a time
 CACHE_BYTES = 1 << 30  # gigatoken's pretoken cache grows with every new word: rebuilt past this much RSS growth
 CHECK_BYTES = 64 << 10  # text of the first documents encoded by both backends before gigatoken is trusted
 BACKENDS = ("auto", "gigatoken", "tokenizers")
+HELDOUT = "heldout.jsonl"  # in a prepared dataset: the documents set aside for evaluation
 # encoded by both backends too: what differs between tokenizer implementations if anything does
 PROBES = ["Hello world", " leading space", "trailing space ", "  double  spaces\t\ttabs\n\nnewlines\r\n",
           "<|endoftext|> inside text <|im_start|>", "caf\u00e9 na\u00efve \u00fcber", "\u65e5\u672c\u8a9e\u306e"
@@ -332,20 +334,48 @@ def _ahead(items: Iterator) -> Iterator:
             yield item
 
 
-def tokenize_splits(splits: list[Split], encoder: Encoder, text_field: str, prefix: str | os.PathLike) -> dict:
+def held_out(text: str, fraction: float) -> bool:
+    """Whether a document is set aside for evaluation: decided by its text's hash alone, so the
+    choice does not depend on file order, splits or engine, and copies of a document are never
+    split between training and evaluation."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") < fraction * 2**64
+
+
+def tokenize_splits(splits: list[Split], encoder: Encoder, text_field: str, prefix: str | os.PathLike,
+                    heldout: float = 0.0) -> dict:
     """Tokenize `splits` in order into one `<prefix>.bin/.idx`; returns {documents, tokens, backend,
-    backend_check, cache_resets}. A malformed line raises InputError (file:line) and leaves no output."""
-    with IndexedWriter(prefix, encoder.dtype) as writer:
-        for block in _ahead(chain.from_iterable(blocks(split, text_field) for split in splits)):
-            writer.add(*encoder.encode(block.texts))
+    backend_check, cache_resets, heldout}. With `heldout` > 0 the documents `held_out` picks are not
+    tokenized but written, in order, to `<prefix>.heldout.jsonl` ({"text": ...} per line). A
+    malformed line raises InputError (file:line) and leaves no output."""
+    aside = open(f"{prefix}.heldout.jsonl", "w") if heldout else None
+    set_aside = 0
+    try:
+        with IndexedWriter(prefix, encoder.dtype) as writer:
+            for block in _ahead(chain.from_iterable(blocks(split, text_field) for split in splits)):
+                texts = block.texts
+                if aside is not None:
+                    kept = [t for t in texts if not held_out(t, heldout)]
+                    for text in (t for t in texts if held_out(t, heldout)):
+                        aside.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+                    set_aside += len(texts) - len(kept)
+                    texts = kept
+                if texts:
+                    writer.add(*encoder.encode(texts))
+    except BaseException:
+        if aside is not None:
+            aside.close()
+            os.unlink(aside.name)
+        raise
+    if aside is not None:
+        aside.close()
     return {"documents": writer.documents, "tokens": writer.tokens, "backend": encoder.backend,
-            "backend_check": encoder.check, "cache_resets": encoder.cache_resets}
+            "backend_check": encoder.check, "cache_resets": encoder.cache_resets, "heldout": set_aside}
 
 
 def tokenize_split(split: Split, tokenizer_dir: str | os.PathLike, text_field: str, prefix: str | os.PathLike,
-                   batch_size: int = 1000, backend: str = "auto") -> dict:
+                   batch_size: int = 1000, backend: str = "auto", heldout: float = 0.0) -> dict:
     """One split -> `<prefix>.bin/.idx` (one task of a distributed prepare). Pass the `backend`
     the driver chose (`kiln.data.prepare.encoder(...).backend`: `Encoder.decide` on `check_sample`)
     so every split uses the same one; "auto" checks on this split's first documents. Returns
-    {documents, tokens, backend, backend_check, cache_resets}."""
-    return tokenize_splits([split], Encoder(str(tokenizer_dir), backend, batch_size), text_field, prefix)
+    {documents, tokens, backend, backend_check, cache_resets, heldout}."""
+    return tokenize_splits([split], Encoder(str(tokenizer_dir), backend, batch_size), text_field, prefix, heldout)

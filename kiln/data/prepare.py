@@ -11,6 +11,7 @@ when complete; the manifest says which backend ran and what the tokenizer was tr
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -32,11 +33,13 @@ def read_texts(paths: list[str], field: str) -> Iterator[str]:
             yield from block.texts
 
 
-def training_sample(files: list[Path], field: str, limit_mb: float, record: dict) -> Iterator[str]:
+def training_sample(files: list[Path], field: str, limit_mb: float, record: dict,
+                    heldout: float = 0.0) -> Iterator[str]:
     """The texts a tokenizer is trained on: of each file, the lines up to the first line end at or
     past its share of `limit_mb` MiB (shares in proportion to file sizes on disk; a compressed
     file's share counts decompressed bytes); everything when the inputs are smaller. `record`
-    is filled with what was read, for the manifest."""
+    is filled with what was read, for the manifest. Held-out documents are left out: the tokenizer
+    never sees the text it is evaluated on."""
     sizes = [f.stat().st_size for f in files]
     limit = int(limit_mb * 2**20)
     whole = sum(sizes) <= limit
@@ -50,8 +53,9 @@ def training_sample(files: list[Path], field: str, limit_mb: float, record: dict
         for block in encode.blocks(Split(str(path)), field, limit=share):
             entry["bytes"] += block.bytes
             entry["lines"] += block.lines
-            entry["documents"] += len(block.texts)
-            yield from block.texts
+            texts = [t for t in block.texts if not (heldout and encode.held_out(t, heldout))]
+            entry["documents"] += len(texts)
+            yield from texts
         record["documents"] += entry["documents"]
         record["bytes"] += entry["bytes"]
 
@@ -74,7 +78,8 @@ def make_tokenizer(cfg: PrepareConfig, files: list[Path], tok_dir: Path) -> dict
         tok.copy(cfg.tokenizer, tok_dir)
         return None
     sample: dict = {}
-    tok.train_bpe(training_sample(files, cfg.text_field, cfg.tokenizer_sample_mb, sample), cfg.vocab_size, tok_dir)
+    tok.train_bpe(training_sample(files, cfg.text_field, cfg.tokenizer_sample_mb, sample, cfg.heldout),
+                  cfg.vocab_size, tok_dir)
     return sample
 
 
@@ -116,7 +121,10 @@ def prepare(cfg: PrepareConfig, backend: str = "auto") -> dict:
             counts.update(backend=chosen.backend, backend_check=chosen.check)
             shutil.copytree(tok_dir, tmp / "tokenizer")
         else:
-            counts = encode.tokenize_splits([Split(str(f)) for f in files], chosen, cfg.text_field, prefix)
+            counts = encode.tokenize_splits([Split(str(f)) for f in files], chosen, cfg.text_field, prefix,
+                                            cfg.heldout)
+            if cfg.heldout:
+                os.replace(f"{prefix}.heldout.jsonl", tmp / encode.HELDOUT)
         if counts["documents"] == 0:
             raise InputError(f"no non-empty documents in {', '.join(map(str, cfg.inputs))}")
         tokenized = time.time()
@@ -131,6 +139,9 @@ def prepare(cfg: PrepareConfig, backend: str = "auto") -> dict:
             "backend_check": counts["backend_check"],
             "cache_resets": counts["cache_resets"],  # gigatoken rebuilt to bound its memory (encode.CACHE_BYTES)
             "tokenizer_sample": sample,  # None: the tokenizer was given
+            # documents set aside for `kiln eval` (never tokenized, so never trained on)
+            "heldout": {"fraction": cfg.heldout, "documents": counts["heldout"],
+                        "path": str(out / encode.HELDOUT)} if cfg.heldout else None,
             "seconds": round(tokenized - started, 3),
             "tokenizer_seconds": round(trained - started, 3),  # copying or training the tokenizer
             "tokens_per_second": round(counts["tokens"] / max(tokenized - trained, 1e-9)),  # reading to .bin/.idx

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 
 from kiln.config import PrepareConfig
 from kiln.data import encode, indexed
 from kiln.data import splits as input_splits
+from kiln.data.encode import HELDOUT
 from kiln.data.splits import Split
 from kiln.ray import tasks as ray_tasks
 from kiln.ray.connect import connected
@@ -44,7 +46,7 @@ def tokenize(cfg: PrepareConfig, work: Path, splits: list[Split], backend: str, 
         results, phase = ray_tasks.run("prepare", [
             ray_tasks.Task(f"tokenize-{i:05d}", str(split), encode_split,
                            (split, str(work / "tokenizer"), cfg.text_field, str(parts / f"{i:05d}"), cfg.batch_size,
-                            backend))
+                            backend, cfg.heldout))
             for i, split in enumerate(splits)], work, cfg.ray.max_task_retries, counter="tokens")
     name = f"{cfg.name}_text_document"
     if cfg.merge:
@@ -55,16 +57,22 @@ def tokenize(cfg: PrepareConfig, work: Path, splits: list[Split], backend: str, 
         for i, prefix in enumerate(prefixes):
             for suffix in (".bin", ".idx"):
                 os.replace(parts / f"{i:05d}{suffix}", out / f"{prefix}{suffix}")
-    return {**{k: sum(r[k] for r in results) for k in ("documents", "tokens", "cache_resets")},
+    if cfg.heldout:  # in split order: the bytes the local engine writes
+        with open(out / HELDOUT, "wb") as merged:
+            for i in range(len(splits)):
+                with open(parts / f"{i:05d}.heldout.jsonl", "rb") as part:
+                    shutil.copyfileobj(part, merged)
+    return {**{k: sum(r[k] for r in results) for k in ("documents", "tokens", "cache_resets", "heldout")},
             "prefixes": prefixes,
             "engine": {"name": "ray", "address": address, "splits": len(splits), **phase.as_dict()}}
 
 
 def encode_split(split: Split, tokenizer_dir: str, text_field: str, prefix: str, batch_size: int,
-                 backend: str) -> dict:
-    """One task: the split's indexed dataset under temp names, renamed once both files are complete."""
+                 backend: str, heldout: float = 0.0) -> dict:
+    """One task: the split's indexed dataset (and held-out documents) under temp names, renamed once
+    every file is complete."""
     tmp = f"{prefix}.tmp-{os.getpid()}"
-    result = encode.tokenize_split(split, tokenizer_dir, text_field, tmp, batch_size, backend)
-    for suffix in (".bin", ".idx"):
+    result = encode.tokenize_split(split, tokenizer_dir, text_field, tmp, batch_size, backend, heldout)
+    for suffix in (".bin", ".idx", *([".heldout.jsonl"] if heldout else [])):
         os.replace(f"{tmp}{suffix}", f"{prefix}{suffix}")
-    return {k: result[k] for k in ("documents", "tokens", "backend", "cache_resets")}
+    return {k: result[k] for k in ("documents", "tokens", "backend", "cache_resets", "heldout")}

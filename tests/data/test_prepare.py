@@ -35,6 +35,28 @@ def test_documents_round_trip_with_one_eod_each(tmp_path):
     assert manifest["stage"] == "prepare" and manifest["inputs"][0]["digest"]
 
 
+def test_held_out_documents_are_set_aside_never_tokenized_and_recorded(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from kiln.data.encode import held_out
+
+    texts = [f"{t} Number {i}." for i in range(200) for t in DOCS[:1]]
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    summary = prepare(PrepareConfig(inputs=[str(src)], output_dir=str(tmp_path / "out"), vocab_size=300,
+                                    heldout=0.1))
+    aside = [json.loads(line)["text"] for line in (tmp_path / "out" / "heldout.jsonl").read_text().splitlines()]
+    expected = [t for t in texts if held_out(t, 0.1)]
+    assert aside == expected and 5 < len(aside) < 40  # by the text's hash: about a tenth, in input order
+    dataset, hf = IndexedDataset(summary["prefix"]), tok.load(tmp_path / "out" / "tokenizer")
+    trained_on = {hf.decode(dataset[i].tolist()[:-1]) for i in range(len(dataset))}
+    assert trained_on == set(texts) - set(aside) and summary["documents"] == len(texts) - len(aside)
+    assert summary["heldout"] == {"fraction": 0.1, "documents": len(aside),
+                                  "path": str(tmp_path / "out" / "heldout.jsonl")}
+    assert summary["tokenizer_sample"]["documents"] == len(texts) - len(aside)  # nor learnt by the tokenizer
+    without = prepare(PrepareConfig(inputs=[str(src)], output_dir=str(tmp_path / "all"), vocab_size=300))
+    assert without["heldout"] is None and not (tmp_path / "all" / "heldout.jsonl").exists()
+
+
 def test_existing_tokenizer_is_reused(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [{"body": t} for t in DOCS])
     first = prepare(PrepareConfig(inputs=[str(src)], output_dir=str(tmp_path / "a"), vocab_size=300,

@@ -25,7 +25,7 @@ def test_two_nodes_write_the_local_engines_dataset_and_a_list_of_prefixes(ray_tw
     inputs = [str(plain), str(packed)]
 
     def config(out: str, **kw) -> PrepareConfig:
-        return PrepareConfig(inputs=inputs, output_dir=str(tmp_path / out), vocab_size=1024, **kw)
+        return PrepareConfig(inputs=inputs, output_dir=str(tmp_path / out), vocab_size=1024, heldout=0.1, **kw)
 
     local = prepare(config("local"))
     ray_cfg = RayConfig(address=ray_two_nodes.address, split_mb=0.05)
@@ -37,6 +37,9 @@ def test_two_nodes_write_the_local_engines_dataset_and_a_list_of_prefixes(ray_tw
     for path in (tmp_path / "local" / "tokenizer").iterdir():
         assert (tmp_path / "ray" / "tokenizer" / path.name).read_bytes() == path.read_bytes()
     assert (merged["documents"], merged["tokens"]) == (local["documents"], local["tokens"])
+    # the documents set aside for evaluation: the same ones, in the same order, whatever the splits
+    assert (tmp_path / "ray" / "heldout.jsonl").read_bytes() == (tmp_path / "local" / "heldout.jsonl").read_bytes()
+    assert merged["heldout"]["documents"] == local["heldout"]["documents"] > 0
     assert merged["engine"]["splits"] >= 5 and merged["engine"]["nodes"] == 2
     assert merged["tokenizer_sample"] == local["tokenizer_sample"]
     assert not Path(f"{tmp_path / 'ray'}.work").exists()
