@@ -75,6 +75,16 @@ class ParityError(KilnError, RuntimeError):
     """A converted or exported model whose logits differ from its source's."""
 
 
+class RegressionError(KilnError, RuntimeError):
+    """An evaluation worse than its baseline by more than the tolerance (a CI gate)."""
+
+    exit_code = 3
+
+
+class EndpointError(KilnError, RuntimeError):
+    """An inference endpoint that cannot be reached or does not serve the model asked for."""
+
+
 class LaunchError(KilnError, RuntimeError):
     """A cluster or container that cannot take the job; the message says what to check."""
 

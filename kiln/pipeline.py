@@ -123,6 +123,11 @@ def summary_line(name: str, manifest_or_summary: dict | None) -> str:
         shown = ("loss", "val_loss", "accuracy", "val_accuracy", "reward")
         figures = [f"{k} {v:.4f}" for k, v in s["final"].items() if k in shown and v is not None]
         return ", ".join([f"{s.get('steps')} steps", *figures])
+    if name == "eval":  # each task's headline: bits per byte, accuracy or exact match when it has one
+        headline = ("bits_per_byte", "acc", "exact_match")
+        return ", ".join(f"{task.removeprefix('kiln_')} {metric} {m['value']:.4f}"
+                         for task, figures in s.get("metrics", {}).items()
+                         for metric, m in figures.items() if metric in headline or len(figures) == 1)
     if name in ("convert", "export") and s.get("max_abs_logit_delta") is not None:
         return f"verified, max |delta logit| {s['max_abs_logit_delta']:.1e}"
     return ", ".join(f"{k} {v}" for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool))

@@ -27,6 +27,7 @@ def make(root, corpus, steps=3):
     # post-training stages have their own tests (tests/alignment): here the chain's mechanics
     p.sft = p.dpo = p.rm = p.rlhf = None
     p.convert.source = f"{p.pretrain.run_dir}/checkpoints"
+    p.eval = None  # tests/evaluation and the smoke pipeline run it
     return p
 
 

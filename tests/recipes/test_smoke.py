@@ -5,6 +5,8 @@ itself. Regenerate after an intended numerical change with KILN_UPDATE_GOLDEN=1.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kiln.launch.config import LaunchConfig
@@ -33,3 +35,5 @@ def test_smoke_pipeline_reproduces_every_stages_reference_curve(tmp_path):
     pretrain = read_metrics(tmp_path / "smoke" / "pretrain")
     assert pretrain[20]["loss"] < pretrain[1]["loss"] - 2.0
     assert (tmp_path / "smoke" / "trtllm" / "rank0.safetensors").exists()
+    scores = json.loads((tmp_path / "smoke" / "eval" / "eval_summary.json").read_text())["metrics"]
+    assert scores["kiln_demo_choice"]["acc"]["value"] > 0.5  # above chance (0.25) after the smoke run
