@@ -78,12 +78,6 @@ def validate(cfg: EvalConfig, check: Check, problems: Problems) -> None:
     check_output_dir("output_dir", cfg.output_dir, problems)
 
 
-def _rank() -> int:
-    import torch
-
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
 def _max_length(cfg: EvalConfig, positions: int | None) -> int:
     return cfg.max_length or positions or 2048
 
@@ -97,7 +91,7 @@ def _model(cfg: EvalConfig, kind: str):
         from kiln.evaluation.megatron_lm import MegatronLM
         from kiln.training.inference import loaded
 
-        with loaded(cfg.source, cfg.parallel, _precision(cfg.dtype), cfg.seed) as model:
+        with loaded(cfg.source, cfg.parallel, _precision(cfg.dtype)) as model:
             tokenizer_dir = cfg.tokenizer or model.tokenizer
             if not tokenizer_dir:
                 raise ConfigError(f"{model.path} records no tokenizer: give tokenizer=<HF tokenizer dir>")
@@ -159,7 +153,7 @@ def _evaluate(cfg: EvalConfig, kind: str, staging: Path, started: float) -> dict
             bootstrap_iters=1000, log_samples=True, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
             torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed, batch_size=None if kind == "megatron"
             else cfg.batch_size)
-    if _rank() != 0:
+    if process_env().rank != 0 or results is None:  # one rank writes (the process groups are gone by now)
         return {}
     summary = {
         "artifact": {**scored, **({"digest": digest(cfg.source)} if kind != "endpoint" else {})},

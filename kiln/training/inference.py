@@ -4,6 +4,8 @@ TP/PP layout, the model it records, its weights resharded to that layout. No opt
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +57,12 @@ def model_config(path: Path, state: dict, tp: int) -> ModelConfig:
     return model
 
 
-@contextmanager
-def loaded(source: str | Path, parallel: ParallelConfig, precision: str = "fp32", seed: int = 1234):
+def open_model(source: str | Path, parallel: ParallelConfig, precision: str = "fp32",
+               timeout_minutes: int = 30) -> Loaded:
     """Every rank (torchrun / srun, or one process): the checkpoint's model on kiln's engine in the
-    `parallel` layout (any TP/PP: dist-checkpointing reshards), process groups torn down at exit."""
+    `parallel` layout (any TP/PP: dist-checkpointing reshards), frozen. `close` tears it down."""
     from kiln.training.distributed import (
-        destroy_model_parallel,
+        free_port,
         init_model_parallel,
         init_process_group,
         process_env,
@@ -74,16 +76,35 @@ def loaded(source: str | Path, parallel: ParallelConfig, precision: str = "fp32"
         from kiln.training import cpu
 
         cpu.enable()
-    device = init_process_group(process_env())
+    penv = process_env()
+    if penv.world_size == 1 and "MASTER_PORT" not in os.environ:  # alone: never meet another job's 29500
+        penv = dataclasses.replace(penv, master_port=free_port())
+    device = init_process_group(penv, timeout_minutes)
     parallel = copy.deepcopy(parallel)
     parallel.vpp = None
-    init_model_parallel(parallel, seed)
+    init_model_parallel(parallel, seed=0)
+    model = model_config(path, state, parallel.tp)
+    # frozen: megatron-core's DDP wrapper (which checkpoint.load expects) then keeps no gradient buffers
+    chunks, _ = build_model(model, parallel, resolve_precision(precision), device, False,
+                            transform=lambda gpt: gpt.requires_grad_(False))
+    ckpt.load(path, chunks)
+    for chunk in chunks:
+        chunk.eval()
+    return Loaded(chunks, model, state.get("tokenizer"), state.get("step", 0), path, device)
+
+
+def close() -> None:
+    from kiln.training.distributed import destroy_model_parallel
+
+    destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+
+
+@contextmanager
+def loaded(source: str | Path, parallel: ParallelConfig, precision: str = "fp32"):
+    """`open_model` for the block."""
     try:
-        model = model_config(path, state, parallel.tp)
-        chunks, _ = build_model(model, parallel, resolve_precision(precision), device, False)
-        ckpt.load(path, chunks)
-        for chunk in chunks:
-            chunk.eval()
-        yield Loaded(chunks, model, state.get("tokenizer"), state.get("step", 0), path, device)
+        yield open_model(source, parallel, precision)
     finally:
-        destroy_model_parallel()
+        if torch.distributed.is_initialized():
+            close()
