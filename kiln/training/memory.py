@@ -54,6 +54,8 @@ def estimate(cfg: PretrainConfig, world_size: int, precision: str, flash_attenti
     grad_bytes = params * 4  # megatron-core DDP reduces gradients in fp32
     optimizer_per_param = 8 + (4 if precision != "fp32" else 0)  # Adam moments (+ fp32 master)
     optimizer_bytes = params * optimizer_per_param / (dp if cfg.optimizer.distributed else 1)
+    if not t.steps:  # eval-only builds no optimizer
+        optimizer_bytes = 0
 
     s, b, h, a = t.seq_length, t.micro_batch_size, m.hidden_size, m.num_attention_heads
     per_layer = s * b * h * ((34 / tp) if p.sequence_parallel else (10 + 24 / tp))

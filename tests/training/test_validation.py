@@ -59,6 +59,16 @@ def test_eval_only_keeps_a_training_runs_files(tmp_path):
     _check(tiny(), run_dir=str(tmp_path), train__steps=0, parallel__tp=1, checkpoint__load_weights="/ckpt")
 
 
+def test_eval_only_dryrun_counts_no_optimizer_state():
+    from kiln.training.memory import estimate
+
+    cfg = tiny()
+    cfg.model.vocab_size = 1000
+    assert estimate(cfg, 2, "fp32", False)["optimizer_gib"] > 0
+    cfg.train.steps = 0
+    assert estimate(cfg, 2, "fp32", False)["optimizer_gib"] == 0
+
+
 @pytest.fixture(scope="module")
 def sources(demo_data, tmp_path_factory) -> list[str]:
     """Two blend sources: the demo corpus's halves, tokenized with the demo tokenizer."""
