@@ -167,7 +167,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = ranged(20, AT_LEAST_1)
+    steps: int = ranged(20, NON_NEGATIVE)  # 0: eval-only, scores the loaded checkpoint on the validation data
     micro_batch_size: int = ranged(2, AT_LEAST_1)
     global_batch_size: int = ranged(8, AT_LEAST_1)
     seq_length: int = ranged(128, AT_LEAST_1)
