@@ -192,8 +192,9 @@ def test_checkpoint_backend_equals_kiln_generate_and_the_hf_export(sources, hf_s
         assert scores(url, probe) == pytest.approx(scores(hf_server, probe), abs=1e-4, nan_ok=False)
 
 
-def test_tp2_ranks_serve_the_same_greedy_tokens(sources, reference):
-    with server(sources[1], "parallel.tp=2", nproc=2) as url:
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
+def test_two_ranks_serve_the_same_greedy_tokens(sources, reference, layout):
+    with server(sources[1], layout, nproc=2) as url:
         for text in PROMPTS:
             assert greedy_ids(url, text) == reference[text]
         assert requests.post(f"{url}/v1/completions", json={"prompt": "x", "model": "other"}).status_code == 404
