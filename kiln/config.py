@@ -251,6 +251,9 @@ class PrepareConfig:
     # a tokenizer trained here learns from at most this many MiB of text: the head of each input file,
     # in proportion to its size (deterministic; the manifest says what was read)
     tokenizer_sample_mb: float = ranged(1024.0, POSITIVE)
+    # this fraction of documents (picked by a hash of the text: the same whatever the order or engine) is
+    # not tokenized but written to <output_dir>/heldout.jsonl, for `kiln eval`'s held-out suite
+    heldout: float = ranged(0.0, Range(0, 1, hi_open=True))
     merge: bool = True  # engine=ray: one prefix; false keeps one prefix per input split (for data.blend)
     engine: Literal["local", "ray"] = "local"  # ray: one task per input split on a Ray cluster
     ray: RayConfig = field(default_factory=RayConfig)
@@ -288,6 +291,51 @@ class ExportConfig:
     max_input_len: int = ranged(2048, AT_LEAST_1)  # at most max_seq_len
     max_seq_len: int | None = ranged(None, AT_LEAST_1)  # None: the model's positions, at most 4096
     tokenizer: str | None = None
+
+
+@dataclass
+class ServeConfig:
+    """`kiln serve`: an OpenAI-compatible endpoint over an HF directory (transformers) or a kiln
+    checkpoint (megatron-core, TP x PP ranks serving one copy of the model together)."""
+
+    source: str = ""  # HF directory, or a kiln run / checkpoint directory
+    host: str = "127.0.0.1"  # 0.0.0.0 serves other machines too
+    port: int = ranged(8000, Range(1, 65535))
+    model_name: str | None = None  # the `model` requests name; None: the source directory's name
+    tokenizer: str | None = None  # for a checkpoint that records none
+    chat_template: str = "tokenizer"  # /v1/chat/completions: the tokenizer's own, or llama3 | chatml | plain
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: the HF source's; bf16 on GPU else fp32
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # TP/PP: kiln checkpoints only
+    max_model_len: int | None = ranged(None, AT_LEAST_1)  # prompt + completion; None: the model's positions
+    max_tokens: int = ranged(256, AT_LEAST_1)  # a completion's length when a request names none
+    # requests admitted at once: one generates, the others wait their turn; beyond it, 503
+    max_queue: int = ranged(64, AT_LEAST_1)
+
+
+@dataclass
+class EvalConfig:
+    """`kiln eval`: lm-evaluation-harness suites on an HF directory, a kiln Megatron checkpoint
+    (scored on kiln's engine under `parallel`) or an OpenAI-compatible endpoint, fully offline."""
+
+    source: str = ""  # HF directory, or a kiln run / checkpoint directory; with `endpoint`: its tokenizer
+    endpoint: str | None = None  # base URL of an OpenAI-compatible server (…/v1); the model is scored there
+    endpoint_model: str | None = None  # the served model name; None: the server's first /v1/models entry
+    output_dir: str = "runs/eval"
+    # heldout: bits per byte on `heldout`; demo: kiln's tasks about the demo world
+    suites: list = field(default_factory=lambda: ["heldout"])
+    tasks: list = field(default_factory=list)  # lm-eval task YAML files over local JSONL/Parquet
+    heldout: str | None = None  # held-out JSONL set aside by `kiln prepare` (its heldout.jsonl)
+    tokenizer: str | None = None  # when the source records none
+    max_length: int | None = ranged(None, AT_LEAST_1)  # tokens per window; None: the model's positions
+    batch_size: int = ranged(8, AT_LEAST_1)
+    limit: int | None = ranged(None, AT_LEAST_1)  # documents per task (smoke runs)
+    seed: int = ranged(1234, NON_NEGATIVE)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # Megatron checkpoints only
+    # a gate: compare with an earlier eval_summary.json; a metric worse by more than `tolerance`
+    # (absolute) fails the stage with a non-zero exit
+    baseline: str | None = None
+    tolerance: float = ranged(0.0, NON_NEGATIVE)
 
 
 @dataclass

@@ -41,7 +41,8 @@ class Stage:
     config: type
     entry: str  # "module:function(cfg) -> summary dict"
     distributed: bool  # one process per rank under torchrun / srun
-    artifact: str  # the config field naming the directory (or file) the stage writes
+    artifact: str | None  # the config field naming the directory (or file) the stage writes; None: it
+    # writes none (serve) and so is no pipeline stage
     outputs: dict = field(default_factory=dict)  # name -> cfg -> path, what later stages read
     inputs: tuple = ()  # config fields naming upstream artifacts (wired by pipelines)
     validators: tuple = ()  # "module:function(cfg, check, problems)", run before any launch
@@ -113,7 +114,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare", "tokenize JSONL text into a Megatron indexed dataset", c.PrepareConfig,
           "kiln.data.prepare:prepare", distributed=False, artifact="output_dir",
           outputs={"prefix": lambda cfg: f"{cfg.output_dir}/{cfg.name}_text_document",
-                   "tokenizer": lambda cfg: f"{cfg.output_dir}/tokenizer"},
+                   "tokenizer": lambda cfg: f"{cfg.output_dir}/tokenizer",
+                   "heldout": lambda cfg: f"{cfg.output_dir}/heldout.jsonl"},
           inputs=("inputs", "tokenizer"), validators=("kiln.data.prepare:validate",),
           flags=(Flag("--input", "inputs", "JSONL file (.jsonl, .gz, .zst) or a directory of them (repeatable)",
                       kind="list", required=True),
@@ -160,6 +162,35 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                  Flag("--dtype", "dtype", choices=("float32", "float16", "bfloat16")),
                  Flag("--verify", "verify", "CPU reference forward over the rank shards vs the source "
                                             "(default: with float32)", kind="toggle"))),
+    Stage("eval", "lm-eval suites (held-out bits per byte, demo, your tasks) on a model or an endpoint",
+          c.EvalConfig, "kiln.evaluation.evaluate:evaluate", distributed=True, artifact="output_dir",
+          outputs={"summary": lambda cfg: f"{cfg.output_dir}/eval_summary.json"},
+          inputs=("source", "heldout", "tokenizer"), validators=("kiln.evaluation.evaluate:validate",),
+          flags=(Flag("source", "source", "HF directory or kiln run / checkpoint directory (with --endpoint: "
+                                          "the served model's tokenizer or HF directory)"),
+                 Flag("--output", "output_dir", "output directory: results, samples, eval_summary.json"),
+                 Flag("--suite", "suites", "heldout, demo (repeatable)", kind="list", choices=("heldout", "demo")),
+                 Flag("--task", "tasks", "an lm-eval task YAML over local data (repeatable)", kind="list"),
+                 Flag("--heldout", "heldout", "the heldout.jsonl `kiln prepare heldout=F` set aside"),
+                 Flag("--endpoint", "endpoint", "score an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1"),
+                 Flag("--baseline", "baseline", "an earlier eval_summary.json: fail on a regression"),
+                 Flag("--tolerance", "tolerance", "how much worse than the baseline a metric may be", type=float),
+                 Flag("--limit", "limit", "documents per task", type=int),
+                 Flag("--tokenizer", "tokenizer", "when the source records none"),
+                 Flag("--tp", "parallel.tp", "kiln checkpoint: tensor-parallel ranks", type=int),
+                 Flag("--pp", "parallel.pp", "kiln checkpoint: pipeline-parallel ranks", type=int))),
+    Stage("serve", "an OpenAI-compatible endpoint over an HF directory or a kiln checkpoint", c.ServeConfig,
+          "kiln.serving.server:serve", distributed=True, artifact=None, inputs=("source", "tokenizer"),
+          validators=("kiln.serving.server:validate",),
+          flags=(Flag("source", "source", "HF directory, or a kiln run or checkpoint directory"),
+                 Flag("--host", "host"), Flag("--port", "port", type=int),
+                 Flag("--model-name", "model_name", "the `model` requests name (default: the source's name)"),
+                 Flag("--tokenizer", "tokenizer", "for a checkpoint that records none"),
+                 Flag("--chat-template", "chat_template", "tokenizer, llama3, chatml or plain"),
+                 Flag("--tp", "parallel.tp", "kiln checkpoint: tensor-parallel ranks", type=int),
+                 Flag("--pp", "parallel.pp", "kiln checkpoint: pipeline-parallel ranks", type=int),
+                 Flag("--dtype", "dtype", choices=("float32", "float16", "bfloat16")),
+                 Flag("--max-model-len", "max_model_len", type=int))),
 )}
 
 
@@ -175,10 +206,10 @@ def stage_for(cfg) -> Stage:
 PipelineConfig = dataclasses.make_dataclass(
     "PipelineConfig",
     [("name", str, field(default="pipeline")),
-     *((name, stage.config | None, field(default=None)) for name, stage in STAGES.items()),
+     *((name, stage.config | None, field(default=None)) for name, stage in STAGES.items() if stage.artifact),
      ("links", dict, field(default_factory=dict))],
     namespace={"__doc__": "The stages of a pipeline recipe, each optional, and the links between them.",
-               "stages": lambda self: [(n, getattr(self, n)) for n in STAGES if getattr(self, n) is not None]},
+               "stages": lambda self: [(n, getattr(self, n)) for n in STAGES if getattr(self, n, None) is not None]},
 )
 PipelineConfig.__module__ = __name__
 
