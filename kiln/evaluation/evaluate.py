@@ -114,7 +114,8 @@ def _model(cfg: EvalConfig, kind: str):
     name = served_model(cfg.endpoint, cfg.endpoint_model)
     length = _max_length(cfg, None)
     args = {"base_url": cfg.endpoint.rstrip("/") + "/completions", "model": name, "tokenizer": tokenizer_dir,
-            "tokenizer_backend": "huggingface", "max_length": length, "num_concurrent": 1, "max_retries": 2}
+            "tokenizer_backend": "huggingface", "tokenized_requests": True, "max_length": length,
+            "num_concurrent": 1, "max_retries": 2}
     yield "local-completions", args, {"kind": kind, "endpoint": cfg.endpoint, "model": name,
                                       "tokenizer": tokenizer_dir, "max_length": length}
 

@@ -115,6 +115,23 @@ def test_a_user_task_over_local_jsonl_runs(trained, tmp_path):
     assert str(task) in out["tasks"]
 
 
+@pytest.mark.slow
+def test_an_endpoint_served_by_kiln_serve_scores_as_the_hf_directory(trained, tmp_path):
+    from tests.serving.test_serve import server
+
+    heldout = str(trained / "data" / "heldout.jsonl")
+    local = evaluate(EvalConfig(source=str(trained / "hf"), suites=["heldout", "demo"], heldout=heldout, limit=6,
+                                output_dir=str(tmp_path / "local")))
+    with server(trained / "hf") as url:
+        served = evaluate(EvalConfig(source=str(trained / "hf"), endpoint=f"{url}/v1", suites=["heldout", "demo"],
+                                     heldout=heldout, limit=6, output_dir=str(tmp_path / "served")))
+    assert served["artifact"]["kind"] == "endpoint" and served["artifact"]["model"] == "hf"
+    a, b = local["metrics"], served["metrics"]
+    assert abs(a["kiln_heldout"]["bits_per_byte"]["value"] - b["kiln_heldout"]["bits_per_byte"]["value"]) < 1e-4
+    assert a["kiln_demo_choice"]["acc"]["value"] == b["kiln_demo_choice"]["acc"]["value"]
+    assert a["kiln_demo_generate"]["exact_match"]["value"] == b["kiln_demo_generate"]["exact_match"]["value"]
+
+
 def write(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
