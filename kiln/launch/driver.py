@@ -12,6 +12,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -121,6 +125,8 @@ def launch_stage(stage: Stage, cfg, launch: LaunchConfig, nproc: int | None = No
         if not stage.distributed and isinstance(summary, dict):
             echo(f"kiln {stage.name}: {summary_line(stage.name, summary)} -> {stage.artifact_dir(cfg)}")
         return 0
+    if launch.executor == "local" and stage.artifact is None:
+        return run_foreground(stage, cfg, world)
     result = submit.submit(title, [submit.Task(stage.name, cfg, world)], launch, detach=detach)
     if detach:
         echo(f"submitted experiment {result.experiment_id} ({result.experiment_dir})")
@@ -129,6 +135,29 @@ def launch_stage(stage: Stage, cfg, launch: LaunchConfig, nproc: int | None = No
     if not result.ok:
         _report(result, echo)
     return 0 if result.ok else result.exit_code
+
+
+def run_foreground(stage: Stage, cfg, world: int) -> int:
+    """A service on this machine (a stage that writes no artifact: `kiln serve`): its ranks under
+    torchrun as a child in the foreground rather than a NeMo-Run experiment, whose ranks run in a
+    session of their own and outlive Ctrl-C. Ctrl-C reaches torchrun too; SIGTERM is passed on."""
+    from kiln.stages import dump_config
+    from kiln.training.distributed import free_port
+
+    with tempfile.TemporaryDirectory(prefix=f"kiln-{stage.name}-") as scratch:
+        config = dump_config(cfg, Path(scratch) / "config.yaml")
+        positional = [str(overrides.get_path(cfg, f.field)) for f in stage.flags if not f.name.startswith("-")]
+        child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+                                  "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+                                  "-m", "kiln.cli", stage.name, *positional, "--config", str(config)],
+                                 env={"OMP_NUM_THREADS": "1", **os.environ})
+        previous = signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+        try:
+            return child.wait()
+        except KeyboardInterrupt:  # torchrun got it as well: wait while it stops the ranks
+            return child.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def launch_pipeline(pipeline: PipelineConfig, launch: LaunchConfig, dryrun: bool = False, detach: bool = False,

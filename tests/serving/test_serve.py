@@ -36,8 +36,8 @@ def sources(tmp_path_factory):
 
 @contextlib.contextmanager
 def server(source, *args, nproc: int = 1):
-    """`kiln serve` in its own process group (torchrun for several ranks), stopped with every
-    process of it when the block ends."""
+    """`kiln serve` in its own process group (under torchrun when nproc > 1); at the end SIGTERM to
+    its first process must stop every process of the group."""
     port = free_port()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
                 "127.0.0.1", "--master-port", str(free_port())] if nproc > 1 else [sys.executable]
@@ -58,15 +58,28 @@ def server(source, *args, nproc: int = 1):
             time.sleep(0.5)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+        proc.terminate()  # the leader only, as a service manager would: it must stop every rank itself
         try:
             proc.wait(30)
+            left = not _group_ends(proc.pid, 30)
         except subprocess.TimeoutExpired:
+            left = True
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
         log.close()
         os.unlink(log.name)
+    assert not left, "kiln serve left processes behind after SIGTERM"
+
+
+def _group_ends(group: int, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.5)
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -192,9 +205,11 @@ def test_checkpoint_backend_equals_kiln_generate_and_the_hf_export(sources, hf_s
         assert scores(url, probe) == pytest.approx(scores(hf_server, probe), abs=1e-4, nan_ok=False)
 
 
-@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
-def test_two_ranks_serve_the_same_greedy_tokens(sources, reference, layout):
-    with server(sources[1], layout, nproc=2) as url:
+@pytest.mark.parametrize("launch", [(("--tp", "2"), 1), (("parallel.pp=2",), 2)], ids=["tp2-cli", "pp2-torchrun"])
+def test_two_ranks_serve_the_same_greedy_tokens(sources, reference, launch):
+    """TP=2 as users start it (`kiln serve --tp 2` starts torchrun itself), PP=2 under torchrun."""
+    args, nproc = launch
+    with server(sources[1], *args, nproc=nproc) as url:
         for text in PROMPTS:
             assert greedy_ids(url, text) == reference[text]
         assert requests.post(f"{url}/v1/completions", json={"prompt": "x", "model": "other"}).status_code == 404
