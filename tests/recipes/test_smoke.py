@@ -17,6 +17,9 @@ from tests.conftest import check_loss_curve, read_metrics
 pytestmark = pytest.mark.slow  # launches processes (make test-fast skips it)
 
 TOLERANCE = 2e-3  # fp32 on CPU; covers BLAS differences between x86 CPUs, not a changed model
+# the reward model's grad norm jumps ~7x at step 5 and amplifies upstream rounding: measured on two x86
+# machines, the same code gave pretraining curves 8e-7 apart and reward-model curves 3.4e-3 apart
+TOLERANCES = {"rm": 6e-3}
 
 
 def test_smoke_pipeline_reproduces_every_stages_reference_curve(tmp_path):
@@ -31,7 +34,7 @@ def test_smoke_pipeline_reproduces_every_stages_reference_curve(tmp_path):
     assert pipeline.pretrain.parallel.tp == 2  # two CPU processes here (one GPU: world size 1)
     for stage in ("pretrain", "sft", "dpo", "rm", "rlhf"):
         metrics = read_metrics(tmp_path / "smoke" / stage)
-        check_loss_curve(f"{stage}_smoke", metrics, TOLERANCE)
+        check_loss_curve(f"{stage}_smoke", metrics, TOLERANCES.get(stage, TOLERANCE))
     pretrain = read_metrics(tmp_path / "smoke" / "pretrain")
     assert pretrain[20]["loss"] < pretrain[1]["loss"] - 2.0
     assert (tmp_path / "smoke" / "trtllm" / "rank0.safetensors").exists()
