@@ -46,10 +46,10 @@ def validate(cfg: ServeConfig, check: Check, problems: Problems) -> None:
         positions = config.get("max_position_embeddings") or config.get("n_positions")
         tokenizer = cfg.tokenizer or cfg.source
     else:
-        from kiln.serving.megatron import read_checkpoint
+        from kiln.training.inference import read
 
         try:
-            info = read_checkpoint(cfg.source)
+            info = read(cfg.source)
         except KilnError as exc:
             problems.add(f"source: {exc}")
             return
@@ -91,9 +91,9 @@ def serve(cfg: ServeConfig) -> dict:
 
         backend = HFBackend(cfg)
     else:
-        from kiln.serving.megatron import MegatronBackend, read_checkpoint
+        from kiln.serving.megatron import MegatronBackend
 
-        backend = MegatronBackend(cfg, read_checkpoint(cfg.source))
+        backend = MegatronBackend(cfg)
     name = cfg.model_name or Path(cfg.source).resolve().name
     try:
         if penv.rank != 0:

@@ -32,29 +32,36 @@ class Loaded:
         return self.chunks[0]
 
 
-def recorded_state(source: str | Path) -> tuple[Path, dict]:
-    """(checkpoint directory, the kiln state it recorded: step, model config, tokenizer), without a
-    process group. A run directory or checkpoint root resolves to its `latest`."""
+@dataclass
+class Recorded:
+    """What a kiln checkpoint records, read without a process group."""
+
+    path: Path  # the checkpoint directory (a run directory or checkpoint root resolves to its `latest`)
+    model: ModelConfig
+    tokenizer: str | None
+    step: int
+    rows: int | None  # the saved (padded) vocabulary rows
+
+    def model_for(self, tp: int) -> ModelConfig:
+        """The model with its vocabulary padded to the saved rows at this TP size (rows are padded for
+        the TP it was trained with; any TP dividing them reads them whole: checkpoint.load refuses others)."""
+        model = copy.deepcopy(self.model)
+        if self.rows and self.rows % tp == 0:
+            model.make_vocab_size_divisible_by = self.rows // tp
+        return model
+
+
+def read(source: str | Path) -> Recorded:
     from megatron.core import dist_checkpointing
 
     path = ckpt.resolve(source)
     state = dist_checkpointing.load_common_state_dict(str(path)).get("kiln", {})
     if "model" not in state:
         raise CheckpointError(f"{path} records no model config (not written by kiln): convert it to HF first "
-                              f"(`kiln convert {source} --to hf`) and evaluate or serve that")
-    return path, state
-
-
-def model_config(path: Path, state: dict, tp: int) -> ModelConfig:
-    """The recorded model, its vocabulary padded to the saved rows at this TP size (the rows
-    are padded for the TP it was trained with; any TP dividing them reads them whole)."""
-    from megatron.core import dist_checkpointing
-
-    model = overrides.from_dict(ModelConfig, state["model"])
-    saved = dist_checkpointing.load_tensors_metadata(str(path)).get("embedding.word_embeddings.weight")
-    if saved is not None and saved.global_shape[0] % tp == 0:
-        model.make_vocab_size_divisible_by = saved.global_shape[0] // tp
-    return model
+                              f"(`kiln convert {source} --to hf`) and use that directory")
+    embedding = dist_checkpointing.load_tensors_metadata(str(path)).get("embedding.word_embeddings.weight")
+    return Recorded(path, overrides.from_dict(ModelConfig, state["model"]), state.get("tokenizer"),
+                    state.get("step", 0), embedding.global_shape[0] if embedding is not None else None)
 
 
 def open_model(source: str | Path, parallel: ParallelConfig, precision: str = "fp32",
@@ -70,7 +77,7 @@ def open_model(source: str | Path, parallel: ParallelConfig, precision: str = "f
     )
     from kiln.training.model import build_model, resolve_precision
 
-    path, state = recorded_state(source)
+    recorded = read(source)
     require_megatron_core()
     if not torch.cuda.is_available():
         from kiln.training import cpu
@@ -83,14 +90,14 @@ def open_model(source: str | Path, parallel: ParallelConfig, precision: str = "f
     parallel = copy.deepcopy(parallel)
     parallel.vpp = None
     init_model_parallel(parallel, seed=0)
-    model = model_config(path, state, parallel.tp)
+    model = recorded.model_for(parallel.tp)
     # frozen: megatron-core's DDP wrapper (which checkpoint.load expects) then keeps no gradient buffers
     chunks, _ = build_model(model, parallel, resolve_precision(precision), device, False,
                             transform=lambda gpt: gpt.requires_grad_(False))
-    ckpt.load(path, chunks)
+    ckpt.load(recorded.path, chunks)
     for chunk in chunks:
         chunk.eval()
-    return Loaded(chunks, model, state.get("tokenizer"), state.get("step", 0), path, device)
+    return Loaded(chunks, model, recorded.tokenizer, recorded.step, recorded.path, device)
 
 
 def close() -> None:

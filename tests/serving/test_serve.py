@@ -183,16 +183,16 @@ def test_checkpoint_backend_equals_kiln_generate_and_the_hf_export(sources, hf_s
 
     from kiln.config import GenerationConfig, ParallelConfig
     from kiln.conversion.verify import one_process_engine
-    from kiln.serving.megatron import read_checkpoint
     from kiln.training import checkpoint as ckpt
     from kiln.training.generate import generate
+    from kiln.training.inference import read
     from kiln.training.model import build_model
 
-    info = read_checkpoint(str(sources[1]))
+    info = read(str(sources[1]))
     tok = AutoTokenizer.from_pretrained(sources[0])
     kiln_ids = {}
     with one_process_engine():
-        chunks, _ = build_model(info.model, ParallelConfig(), "fp32", torch.device("cpu"), False)
+        chunks, _ = build_model(info.model_for(1), ParallelConfig(), "fp32", torch.device("cpu"), False)
         ckpt.load(info.path, chunks)
         for text in PROMPTS:
             kiln_ids[text] = generate(chunks[0], tok(text)["input_ids"], 1,
