@@ -78,7 +78,7 @@ def test_full_tiny_pipeline_validates_and_renders(capsys):
     lines = []
     assert launch_pipeline(tiny(root="runs/never-written"), LaunchConfig(), dryrun=True, echo=lines.append) == 0
     ran = [line.split()[0] for line in lines if " run (" in line]
-    assert ran == ["curate", "prepare", "pretrain", "sft", "dpo", "rm", "rlhf", "convert", "export"]
+    assert ran == ["curate", "prepare", "pretrain", "sft", "dpo", "rm", "rlhf", "convert", "export", "eval"]
 
 
 @pytest.mark.slow
@@ -105,6 +105,7 @@ def test_every_stage_reads_its_upstreams_resolved_artifact():
     assert r.dpo.checkpoint.load_weights == r.rm.checkpoint.load_weights == f"{r.sft.run_dir}/checkpoints"
     assert r.rlhf.rlhf.reward == f"{r.rm.run_dir}/checkpoints"
     assert r.convert.source == f"{r.rlhf.run_dir}/checkpoints" and r.export.source == r.convert.output
+    assert r.eval.source == r.convert.output and r.eval.heldout == "elsewhere/data/heldout.jsonl"
     p.rlhf = p.dpo = None  # convert then reads the next stage present
     assert pl.resolve_links(p).convert.source == f"{p.sft.run_dir}/checkpoints"
 
