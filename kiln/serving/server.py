@@ -56,7 +56,7 @@ def validate(cfg: ServeConfig, check: Check, problems: Problems) -> None:
         m = info.model
         for count, what in ((m.num_attention_heads, "attention heads"), (m.heads_kv, "KV heads"),
                             (info.rows, "vocabulary rows")):
-            if count % p.tp:
+            if count and count % p.tp:  # rows: None without a saved embedding
                 problems.add(f"parallel.tp={p.tp} does not divide the model's {count} {what}: choose a divisor")
         if m.num_layers % p.pp:
             problems.add(f"parallel.pp={p.pp} does not divide the model's {m.num_layers} layers: choose a divisor")
