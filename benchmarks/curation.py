@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import psutil
+import process_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,19 +85,10 @@ if __name__ == "__main__":  # datatrove's worker pool re-imports this file
 
 def measure(command: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS in GiB of the process and all its children)."""
-    tic = time.perf_counter()
-    proc = psutil.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            tree = [proc, *proc.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    if proc.returncode:
+    code, seconds, peak = process_tree.run(command, ROOT, poll=0.05, stderr=None)
+    if code:
         sys.exit(f"{command} failed")
-    return time.perf_counter() - tic, peak / 2**30
+    return seconds, peak
 
 
 def scores(kept: set[str], truth: dict, all_ids: set[str]) -> tuple[float, float]:

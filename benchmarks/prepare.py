@@ -26,6 +26,7 @@ outputs are compared byte for byte with Megatron-LM's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
@@ -35,7 +36,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-import psutil
+import process_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 MEGATRON_LM = "https://github.com/NVIDIA/Megatron-LM"
@@ -162,22 +163,11 @@ def megatron_deps(work: Path) -> Path:
 
 def measure(command: list[str], cores: set[int], env: dict | None = None, log: Path | None = None) -> dict:
     """Wall seconds and peak RSS (GiB, the process and all its children) of `command` pinned to `cores`."""
-    tic = time.perf_counter()
-    out = open(log, "w") if log else subprocess.DEVNULL
-    proc = psutil.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                        preexec_fn=lambda: os.sched_setaffinity(0, cores))
-    peak = 0
-    while proc.poll() is None:
-        try:
-            tree = [proc, *proc.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.02)
-    seconds = time.perf_counter() - tic
-    if proc.returncode:
+    with open(log, "w") if log else contextlib.nullcontext(subprocess.DEVNULL) as out:
+        code, seconds, peak = process_tree.run(command, ROOT, out, env, cores)
+    if code:
         sys.exit(f"{' '.join(command)} failed{f': see {log}' if log else ''}")
-    return {"seconds": round(seconds, 2), "peak_rss_gib": round(peak / 2**30, 2)}
+    return {"seconds": round(seconds, 2), "peak_rss_gib": round(peak, 2)}
 
 
 def same_bytes(a: str, b: str) -> bool:
