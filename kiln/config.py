@@ -327,7 +327,7 @@ class EvalConfig:
     heldout: str | None = None  # held-out JSONL set aside by `kiln prepare` (its heldout.jsonl)
     tokenizer: str | None = None  # when the source records none
     max_length: int | None = ranged(None, AT_LEAST_1)  # tokens per window; None: the model's positions
-    batch_size: int = ranged(8, AT_LEAST_1)
+    batch_size: int = ranged(8, AT_LEAST_1)  # sequences per forward
     limit: int | None = ranged(None, AT_LEAST_1)  # documents per task (smoke runs)
     seed: int = ranged(1234, NON_NEGATIVE)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

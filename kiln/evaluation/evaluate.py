@@ -91,13 +91,13 @@ def _model(cfg: EvalConfig, kind: str):
         from kiln.evaluation.megatron_lm import MegatronLM
         from kiln.training.inference import loaded
 
-        with loaded(cfg.source, cfg.parallel, _precision(cfg.dtype)) as model:
+        with loaded(cfg.source, cfg.parallel, cfg.dtype) as model:
             tokenizer_dir = cfg.tokenizer or model.tokenizer
             if not tokenizer_dir:
                 raise ConfigError(f"{model.path} records no tokenizer: give tokenizer=<HF tokenizer dir>")
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
             length = _max_length(cfg, model.model.max_position_embeddings)
-            yield MegatronLM(model, tokenizer, length), None, {
+            yield MegatronLM(model, tokenizer, length, cfg.batch_size, cfg.seed), None, {
                 "kind": kind, "path": str(model.path), "step": model.step, "tokenizer": tokenizer_dir,
                 "max_length": length, "parallel": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp}}
         return
@@ -118,10 +118,6 @@ def _model(cfg: EvalConfig, kind: str):
             "num_concurrent": 1, "max_retries": 2}
     yield "local-completions", args, {"kind": kind, "endpoint": cfg.endpoint, "model": name,
                                       "tokenizer": tokenizer_dir, "max_length": length}
-
-
-def _precision(dtype: str) -> str:
-    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
 
 
 def _cuda() -> bool:
@@ -157,7 +153,7 @@ def _evaluate(cfg: EvalConfig, kind: str, staging: Path, started: float) -> dict
     if process_env().rank != 0 or results is None:  # one rank writes (the process groups are gone by now)
         return {}
     summary = {
-        "artifact": {**scored, **({"digest": digest(cfg.source)} if kind != "endpoint" else {})},
+        "artifact": {**scored, **({"digest": digest(scored["path"])} if kind != "endpoint" else {})},
         "tokenizer_digest": digest(Path(scored["tokenizer"]) / "tokenizer.json")
         if (Path(scored["tokenizer"]) / "tokenizer.json").exists() else None,
         "harness": {"name": "lm-eval", "version": lm_eval.__version__},
@@ -171,7 +167,7 @@ def _evaluate(cfg: EvalConfig, kind: str, staging: Path, started: float) -> dict
         _write_results(tmp, results)
         shutil.copytree(staging, tmp / "tasks")
         (tmp / "eval_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        inputs = [*([cfg.source] if kind != "endpoint" else []), *cfg.tasks,
+        inputs = [*([scored["path"]] if kind != "endpoint" else []), *cfg.tasks,
                   *sorted({str(d) for f in task_files for d in f.data})]
         write_manifest(tmp, "eval", cfg, inputs, summary, started)
     print(gate.table(summary), flush=True)

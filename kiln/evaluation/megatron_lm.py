@@ -20,9 +20,10 @@ from kiln.training.inference import Loaded
 
 
 class MegatronLM(TemplateLM):
-    def __init__(self, loaded: Loaded, tokenizer, max_length: int):
+    def __init__(self, loaded: Loaded, tokenizer, max_length: int, batch_size: int, seed: int):
         super().__init__()
         self.loaded, self.tokenizer, self._max_length = loaded, tokenizer, max_length
+        self.batch_size, self.seed = batch_size, seed
 
     # as lm-eval's `hf` model: the EOS ends generations, BOS (else EOS) precedes a rolling window
     @property
@@ -42,27 +43,33 @@ class MegatronLM(TemplateLM):
         extra = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
         return self.tokenizer.encode(string, **extra)
 
-    def _score(self, tokens: list[int], continuation: int) -> tuple[float, bool]:
-        """log p(last `continuation` tokens | the ones before), and whether each was the argmax."""
-        chosen, _, best = generate.token_logprobs(self.loaded.first, tokens, self.loaded.model.vocab_size, 1)
-        targets = torch.tensor(tokens[-continuation:])
-        return float(chosen[-continuation:].double().sum()), bool((best[-continuation:, 0] == targets).all())
-
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """log p(continuation | context) and whether every continuation token was the argmax, in
+        batches of `batch_size` sequences (the harness's window: at most max_length inputs)."""
         out = []
-        for _, context, continuation in requests:
-            # the harness's window: at most max_length inputs, the continuation scored at the end
-            whole = (context + continuation)[-(self.max_length + 1):]
-            out.append(self._score(whole, len(continuation)))
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start:start + self.batch_size]
+            rows = [(context + continuation)[-(self.max_length + 1):] for _, context, continuation in chunk]
+            scored = generate.token_logprobs(self.loaded.first, rows, self.loaded.model.vocab_size, 1)
+            for (_, _, continuation), row, (chosen, _, best) in zip(chunk, rows, scored, strict=True):
+                n = len(continuation)
+                greedy = bool((best[-n:, 0] == torch.tensor(row[-n:])).all())
+                out.append((float(chosen[-n:].double().sum()), greedy))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        scores = []
-        for (text,) in (r.args for r in requests):
-            windows = map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1))
-            scores.append(sum(ll for ll, _ in self._loglikelihood_tokens([(None, c, t) for c, t in windows])))
+        """Each document's log-likelihood over the harness's disjoint rolling windows, every
+        document's windows scored in one stream of batches."""
+        owners, windows = [], []
+        for index, (text,) in enumerate(r.args for r in requests):
+            for context, target in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                owners.append(index)
+                windows.append((None, context, target))
+        scores = [0.0] * len(requests)
+        for owner, (ll, _) in zip(owners, self._loglikelihood_tokens(windows), strict=True):
+            scores[owner] += ll
         return scores
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -77,7 +84,7 @@ class MegatronLM(TemplateLM):
                                    top_p=kwargs.get("top_p", 1.0))
             prompt = self.tok_encode(context)[-(self.max_length - max_new):]
             tokens = generate.generate(self.loaded.first, prompt, 1, gen, {self.eot_token_id},
-                                       self.loaded.model.vocab_size, seed=1234)[0]
+                                       self.loaded.model.vocab_size, seed=self.seed)[0]
             text = self.tokenizer.decode([t for t in tokens if t != self.eot_token_id])
             for stop in until:
                 text = text.split(stop)[0] if stop else text

@@ -14,7 +14,6 @@ from kiln.config import GenerationConfig, ServeConfig
 from kiln.data import tokenizer as tokenizers
 from kiln.training import generate, inference
 
-PRECISIONS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", None: "auto"}
 # followers wait in a broadcast for the next request, however long the server idles; a rank that
 # dies still ends the others (torchrun stops the whole group)
 IDLE_TIMEOUT_MINUTES = 60 * 24 * 365
@@ -22,7 +21,7 @@ IDLE_TIMEOUT_MINUTES = 60 * 24 * 365
 
 class MegatronBackend:
     def __init__(self, cfg: ServeConfig):
-        loaded = inference.open_model(cfg.source, cfg.parallel, PRECISIONS[cfg.dtype], IDLE_TIMEOUT_MINUTES)
+        loaded = inference.open_model(cfg.source, cfg.parallel, cfg.dtype, IDLE_TIMEOUT_MINUTES)
         self.tokenizer = tokenizers.load(cfg.tokenizer or loaded.tokenizer)
         self.positions, self.vocab_size = loaded.model.max_position_embeddings, loaded.model.vocab_size
         self.stop_ids = {tokenizers.eod_id(self.tokenizer)}
@@ -35,7 +34,7 @@ class MegatronBackend:
                 yield int(nxt[0])
 
     def logprobs(self, tokens: list[int], top: int):
-        return generate.token_logprobs(self.model, tokens, self.vocab_size, max(top, 1))
+        return generate.token_logprobs(self.model, [tokens], self.vocab_size, max(top, 1))[0]
 
     def close(self) -> None:
         inference.close()

@@ -87,23 +87,32 @@ def stream(model, prompt: list[int], count: int, gen: GenerationConfig, stop: se
 
 
 @torch.no_grad()
-def token_logprobs(model, tokens: list[int], vocab_size: int, top: int):
-    """Log-probabilities of tokens[1:] given what precedes each, and the `top` most likely tokens
-    at each of those positions (values [n-1, top], ids [n-1, top]), on every rank: one forward
-    over the whole sequence, without a KV cache."""
+def token_logprobs(model, rows: list[list[int]], vocab_size: int, top: int) -> list[tuple]:
+    """For each row of tokens: the log-probabilities of row[1:] given what precedes each, and the
+    `top` most likely tokens at those positions ((chosen [n-1], values [n-1, top], ids [n-1, top])),
+    on every rank: one forward over the batch, without a KV cache. Shorter rows are padded at the
+    end, which changes nothing before the padding: every position attends only to earlier ones."""
     stages = Stages(model)
+    width, k = max(map(len, rows)), max(top, 1)
+    batch = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        batch[i, :len(row)] = torch.tensor(row)
     was_training = model.training
     model.eval()
     try:
-        logits = stages.forward(torch.tensor([tokens], device=stages.device), 0, None)
+        logits = stages.forward(batch.to(stages.device), 0, None)
     finally:
         model.train(was_training)
-    n, k = len(tokens) - 1, max(top, 1)
+    chosen, values = torch.zeros(len(rows), width - 1), torch.zeros(len(rows), width - 1, k)
+    ids = torch.zeros(len(rows), width - 1, k, dtype=torch.long)
     if stages.last:
-        chosen, values, ids = scored(logits[0, :-1, :vocab_size], tokens[1:], k)
-    else:  # filled by the last stage's broadcast
-        chosen, values, ids = torch.zeros(n), torch.zeros(n, k), torch.zeros(n, k, dtype=torch.long)
-    return stages.share(chosen), stages.share(values), stages.share(ids)
+        for i, row in enumerate(rows):
+            n = len(row) - 1
+            chosen[i, :n], values[i, :n], ids[i, :n] = scored(logits[i, :n, :vocab_size], row[1:], k)
+    # the other stages receive the last stage's figures
+    chosen, values, ids = stages.share(chosen), stages.share(values), stages.share(ids)
+    return [(chosen[i, :len(row) - 1], values[i, :len(row) - 1], ids[i, :len(row) - 1])
+            for i, row in enumerate(rows)]
 
 
 def scored(logits: torch.Tensor, targets: list[int], top: int):

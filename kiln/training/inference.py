@@ -64,10 +64,15 @@ def read(source: str | Path) -> Recorded:
                     state.get("step", 0), embedding.global_shape[0] if embedding is not None else None)
 
 
-def open_model(source: str | Path, parallel: ParallelConfig, precision: str = "fp32",
+# a config's dtype name -> the engine's precision (None: bf16 on GPU, fp32 on CPU)
+PRECISIONS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", None: "auto"}
+
+
+def open_model(source: str | Path, parallel: ParallelConfig, dtype: str | None = None,
                timeout_minutes: int = 30) -> Loaded:
     """Every rank (torchrun / srun, or one process): the checkpoint's model on kiln's engine in the
-    `parallel` layout (any TP/PP: dist-checkpointing reshards), frozen. `close` tears it down."""
+    `parallel` layout (any TP/PP: dist-checkpointing reshards), frozen, in `dtype` (a config's name:
+    float32, bfloat16, float16). `close` tears it down."""
     from kiln.training.distributed import (
         free_port,
         init_model_parallel,
@@ -92,7 +97,7 @@ def open_model(source: str | Path, parallel: ParallelConfig, precision: str = "f
     init_model_parallel(parallel, seed=0)
     model = recorded.model_for(parallel.tp)
     # frozen: megatron-core's DDP wrapper (which checkpoint.load expects) then keeps no gradient buffers
-    chunks, _ = build_model(model, parallel, resolve_precision(precision), device, False,
+    chunks, _ = build_model(model, parallel, resolve_precision(PRECISIONS[dtype]), device, False,
                             transform=lambda gpt: gpt.requires_grad_(False))
     ckpt.load(recorded.path, chunks)
     for chunk in chunks:
@@ -108,10 +113,10 @@ def close() -> None:
 
 
 @contextmanager
-def loaded(source: str | Path, parallel: ParallelConfig, precision: str = "fp32"):
+def loaded(source: str | Path, parallel: ParallelConfig, dtype: str | None = None):
     """`open_model` for the block."""
     try:
-        yield open_model(source, parallel, precision)
+        yield open_model(source, parallel, dtype)
     finally:
         if torch.distributed.is_initialized():
             close()

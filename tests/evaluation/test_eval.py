@@ -47,7 +47,7 @@ def metrics(out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_megatron_checkpoint_on_tp2_scores_the_hf_export_within_1e4(trained, tmp_path):
+def test_megatron_checkpoint_on_tp2_and_pp2_scores_the_hf_export_within_1e4(trained, tmp_path):
     heldout = str(trained / "data" / "heldout.jsonl")
     hf = evaluate(EvalConfig(source=str(trained / "hf"), suites=["heldout", "demo"], heldout=heldout,
                              output_dir=str(tmp_path / "hf")))
@@ -66,6 +66,11 @@ def test_megatron_checkpoint_on_tp2_scores_the_hf_export_within_1e4(trained, tmp
     assert all(entry["sha256"] for entry in summary["tasks"].values())
     assert (tmp_path / "megatron" / "samples_kiln_heldout.jsonl").exists()
     assert "bits_per_byte" in proc.stdout  # the table
+    pipeline = kiln_eval(str(trained / "pretrain"), "--pp", "2", "--heldout", heldout,
+                         "--output", str(tmp_path / "pp2"), nproc=2)
+    assert pipeline.returncode == 0, pipeline.stderr[-3000:]
+    a, b = hf["metrics"]["kiln_heldout"]["bits_per_byte"]["value"], metrics(tmp_path / "pp2")["kiln_heldout"]
+    assert abs(a - b["bits_per_byte"]["value"]) <= 1e-4
 
 
 @pytest.mark.slow
