@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -116,7 +117,9 @@ def launch_stage(stage: Stage, cfg, launch: LaunchConfig, nproc: int | None = No
             echo("# resolved config\n" + yaml.safe_dump(overrides.to_dict(resolved), sort_keys=False).rstrip())
         if ray_slurm.engine(cfg) == "ray" and launch.executor == "slurm":
             echo(ray_slurm.layout(resolved, launch))
-        if launch.executor != "local" or world > 1:
+        if _foreground(stage, launch) and world > 1:
+            echo("# runs in the foreground\n" + shlex.join(foreground_command(stage, cfg, world, "<config.yaml>")))
+        elif launch.executor != "local" or world > 1:
             echo(submit.render(title, [submit.Task(stage.name, cfg, world)], launch))
         echo("nothing was started (--dryrun)")
         return 0
@@ -125,7 +128,7 @@ def launch_stage(stage: Stage, cfg, launch: LaunchConfig, nproc: int | None = No
         if not stage.distributed and isinstance(summary, dict):
             echo(f"kiln {stage.name}: {summary_line(stage.name, summary)} -> {stage.artifact_dir(cfg)}")
         return 0
-    if launch.executor == "local" and stage.artifact is None:
+    if _foreground(stage, launch):
         return run_foreground(stage, cfg, world)
     result = submit.submit(title, [submit.Task(stage.name, cfg, world)], launch, detach=detach)
     if detach:
@@ -137,19 +140,29 @@ def launch_stage(stage: Stage, cfg, launch: LaunchConfig, nproc: int | None = No
     return 0 if result.ok else result.exit_code
 
 
-def run_foreground(stage: Stage, cfg, world: int) -> int:
-    """A service on this machine (a stage that writes no artifact: `kiln serve`): its ranks under
-    torchrun as a child in the foreground rather than a NeMo-Run experiment, whose ranks run in a
-    session of their own and outlive Ctrl-C. Ctrl-C reaches torchrun too; SIGTERM is passed on."""
-    from kiln.stages import dump_config
+def _foreground(stage: Stage, launch: LaunchConfig) -> bool:
+    """A service on this machine (a stage that writes no artifact: `kiln serve`) runs its ranks under
+    torchrun as a child in the foreground rather than as a NeMo-Run experiment, whose ranks run in a
+    session of their own and outlive Ctrl-C."""
+    return launch.executor == "local" and stage.artifact is None
+
+
+def foreground_command(stage: Stage, cfg, world: int, config: str) -> list[str]:
     from kiln.training.distributed import free_port
+
+    positional = [str(overrides.get_path(cfg, f.field)) for f in stage.flags if not f.name.startswith("-")]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-addr",
+            "127.0.0.1", "--master-port", str(free_port()), "-m", "kiln.cli", stage.name, *positional,
+            "--config", config]
+
+
+def run_foreground(stage: Stage, cfg, world: int) -> int:
+    """Ctrl-C reaches torchrun too; SIGTERM is passed on."""
+    from kiln.stages import dump_config
 
     with tempfile.TemporaryDirectory(prefix=f"kiln-{stage.name}-") as scratch:
         config = dump_config(cfg, Path(scratch) / "config.yaml")
-        positional = [str(overrides.get_path(cfg, f.field)) for f in stage.flags if not f.name.startswith("-")]
-        child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-                                  "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-                                  "-m", "kiln.cli", stage.name, *positional, "--config", str(config)],
+        child = subprocess.Popen(foreground_command(stage, cfg, world, str(config)),
                                  env={"OMP_NUM_THREADS": "1", **os.environ})
         previous = signal.signal(signal.SIGTERM, lambda *_: child.terminate())
         try:

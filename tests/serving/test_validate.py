@@ -53,3 +53,13 @@ def test_the_serve_stage_is_registered_but_no_pipeline_stage():
     assert STAGES["serve"].artifact is None and not hasattr(PipelineConfig(), "serve")
     args = build_parser().parse_args(["serve", "runs/hf", "--port", "9000", "--tp", "2"])
     assert (args.source, args.port, args.tp) == ("runs/hf", 9000, 2)
+
+
+def test_a_multi_rank_dry_run_prints_the_torchrun_command_that_would_serve(sources, capsys):
+    from kiln.cli import main
+
+    assert main(["serve", str(sources[1]), "--tp", "2", "--port", "9001", "--dryrun"]) == 0
+    out = capsys.readouterr().out
+    assert "# runs in the foreground" in out and "torch.distributed.run --nproc-per-node 2" in out
+    assert f"-m kiln.cli serve {sources[1]} --config" in out and "NeMo" not in out
+    assert "nothing was started" in out
