@@ -116,7 +116,8 @@ def summary_line(name: str, manifest_or_summary: dict | None) -> str:
         return ""
     s = manifest_or_summary.get("summary", manifest_or_summary)
     if name == "prepare":
-        return f"{s.get('documents')} documents, {s.get('tokens')} tokens"
+        aside = f" (+{s['heldout']['documents']} held out)" if s.get("heldout") else ""
+        return f"{s.get('documents')} documents{aside}, {s.get('tokens')} tokens"
     if name == "curate":
         return f"{s.get('documents_in')} -> {s.get('documents_out')} documents"
     if "final" in s:  # a training stage: its last step's reports

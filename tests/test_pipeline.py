@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from kiln import pipeline as pl
+from kiln.artifact import read_manifest
 from kiln.launch.config import LaunchConfig
 from kiln.launch.driver import launch_pipeline
 from kiln.recipes.pipeline import tiny
@@ -69,7 +70,9 @@ def test_rerun_skips_fresh_stages_and_reruns_changed_ones(tmp_path):
     assert statuses(make(root, corpus, steps=4)) == dict.fromkeys(STAGES, "fresh")
 
     table = pl.status_table(make(root, corpus, steps=4))
-    assert "501 documents" in table and "4 steps, loss " in table and "verified, max |delta logit|" in table
+    held_out = read_manifest(root / "data")["summary"]["heldout"]["documents"]  # the tiny recipe sets 5 % aside
+    assert 0 < held_out < 50 and f"{501 - held_out} documents (+{held_out} held out)" in table
+    assert "4 steps, loss " in table and "verified, max |delta logit|" in table
     assert (root / "trtllm" / "rank1.safetensors").exists()
 
 
