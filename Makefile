@@ -41,10 +41,9 @@ lint: setup
 	$(VENV)/bin/ruff check kiln tests benchmarks tools
 	$(VENV)/bin/lint-imports  # layers import downwards only, no import cycles (pyproject.toml)
 
-# the whole suite: real process groups, a real Slurm and Ray, NeMo's own code in its own venv. Two
-# workers: half the single-worker run's wall time was idle CPU (process starts, waits on Slurm/Ray)
+# the whole suite: real process groups, a real Slurm and Ray, NeMo's own code in its own venv
 test: lint nemo-env
-	$(VENV)/bin/pytest -q -n 2 --dist loadgroup
+	$(VENV)/bin/pytest -q
 
 # the inner loop: unit tests and single-process checks, nothing launched (< 3 min)
 test-fast: lint

@@ -21,21 +21,6 @@ atexit.register(shutil.rmtree, os.environ["NEMORUN_HOME"], True)
 RUNS_SCRIPT = Path(__file__).parent / "training" / "run_configs.py"
 
 
-# `make test` runs on two xdist workers (--dist loadgroup). A module's tests stay on one worker, so its
-# module fixtures (trained models, servers, clusters) are built once; every test that starts Ray or
-# Slurm shares one group, because they count, or stop, such processes machine-wide.
-CLUSTER_MODULES = {"tests/curation/test_on_ray.py", "tests/data/test_prepare_on_ray.py", "tests/launch/test_slurm.py",
-                   "tests/launch/test_slurm_ray.py"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            path = Path(str(item.fspath)).relative_to(ROOT).as_posix()
-            item.add_marker(pytest.mark.xdist_group("cluster" if path in CLUSTER_MODULES else path))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def readable_stdin():
     """NeMo-Run runs shell commands through invoke, which reads stdin; pytest's captured stdin

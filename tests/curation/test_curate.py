@@ -148,7 +148,6 @@ def test_normalization_and_pii_redaction(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("cluster")  # Ray: see tests/conftest.py
 def test_curator_pipeline_on_ray_judges_like_the_worker_pool(tmp_path):
     """engine=curator: Curator's Pipeline with a Score stage per filter on a Ray cluster kiln
     starts and tears down; the kept documents and the attribution equal engine=kiln's."""
