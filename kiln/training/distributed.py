@@ -43,7 +43,8 @@ def process_env() -> ProcessEnv:
             master_addr=env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "")),
             master_port=int(env.get("MASTER_PORT") or _slurm_port(env)),
         )
-    return ProcessEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)))
+    # one process on its own: a free port, so two single-process runs on a machine never meet at 29500
+    return ProcessEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()))
 
 
 def _slurm_port(env) -> int:

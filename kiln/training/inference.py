@@ -4,8 +4,6 @@ TP/PP layout, the model it records, its weights resharded to that layout. No opt
 from __future__ import annotations
 
 import copy
-import dataclasses
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +72,6 @@ def open_model(source: str | Path, parallel: ParallelConfig, dtype: str | None =
     `parallel` layout (any TP/PP: dist-checkpointing reshards), frozen, in `dtype` (a config's name:
     float32, bfloat16, float16). `close` tears it down."""
     from kiln.training.distributed import (
-        free_port,
         init_model_parallel,
         init_process_group,
         process_env,
@@ -88,10 +85,7 @@ def open_model(source: str | Path, parallel: ParallelConfig, dtype: str | None =
         from kiln.training import cpu
 
         cpu.enable()
-    penv = process_env()
-    if penv.world_size == 1 and "MASTER_PORT" not in os.environ:  # alone: never meet another job's 29500
-        penv = dataclasses.replace(penv, master_port=free_port())
-    device = init_process_group(penv, timeout_minutes)
+    device = init_process_group(process_env(), timeout_minutes)
     parallel = copy.deepcopy(parallel)
     parallel.vpp = None
     init_model_parallel(parallel, seed=0)
