@@ -98,6 +98,13 @@ def _logs(experiment_dir: Path) -> str:
     return "\n".join(f"== {p.name}\n{p.read_text()[-4000:]}" for p in sorted(experiment_dir.rglob("*.out")))
 
 
+def _squeue(job: str | None = None) -> dict[str, str]:
+    """Job id -> name for the jobs Slurm still lists (finished ones stay for MinJobAge)."""
+    command = ["squeue", "-h", "-t", "all", "-o", "%i %j"] + (["-j", job] if job else [])
+    out = subprocess.run(command, capture_output=True, text=True).stdout
+    return dict(line.split(maxsplit=1) for line in out.splitlines() if line.strip())
+
+
 def _restarts(job: str) -> int:
     out = subprocess.run(["scontrol", "show", "job", job, "-o"], capture_output=True, text=True).stdout
     return int(out.split("Restarts=")[1].split()[0]) if "Restarts=" in out else 0
@@ -143,16 +150,19 @@ def test_without_requeue_a_dependent_copy_resumes(straight, demo_data, tmp_path,
     result = submit.submit("kiln-test", [submit.Task("pretrain", tiny_cfg(demo_data, preempted), 2)], launch,
                            detach=True)
     job = result.slurm_jobs["pretrain"]
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while not (preempted / "metrics.jsonl").exists() or len(read_metrics(preempted)) < 3:
         assert time.time() < deadline and slurm.state(job) in ("PENDING", "RUNNING"), slurm.state(job)
         time.sleep(0.3)
+    name = _squeue(job)[job]
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    # The copy is found by its name, not by squeue's dependency column: once the first job has
+    # ended Slurm clears `afterany:<job>`, and on a slow machine polling can miss that window.
     copies = []
+    deadline = time.time() + 300
     while not copies:
         assert time.time() < deadline
-        out = subprocess.run(["squeue", "-h", "-o", "%i %E"], capture_output=True, text=True).stdout
-        copies = [line.split()[0] for line in out.splitlines() if f"afterany:{job}" in line]
+        copies = [i for i, n in _squeue().items() if n == name and int(i) > int(job)]
         time.sleep(0.3)
     assert slurm.wait({"copy": copies[0]}, on_change=lambda _: None) == {"copy": "COMPLETED"}
     assert _restarts(job) == 0  # the first job was not requeued: a second job finished the run
