@@ -62,6 +62,35 @@ class RopeScaling:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture of experts in place of the MLP (megatron-core's MoELayer): a router sends each token
+    to `topk` of `num_experts` expert MLPs. Mixtral 8x7B: 8 experts, top-2, softmax, renormalised."""
+
+    num_experts: int = ranged(8, Range(2))
+    topk: int = ranged(2, AT_LEAST_1)
+    ffn_hidden_size: int | None = ranged(None, AT_LEAST_1)  # each expert's; None = the model's ffn size
+    score_function: Literal["softmax", "sigmoid"] = "softmax"
+    # True: the top-k weights sum to 1 (Mixtral, Qwen3-MoE); False: softmax over all experts, then
+    # top-k as is (Qwen2-MoE's norm_topk_prob=false; megatron-core's moe_router_pre_softmax)
+    normalize_topk: bool = True
+    load_balancing: Literal["aux_loss", "seq_aux_loss", "none"] = "aux_loss"
+    aux_loss_coeff: float = ranged(0.01, NON_NEGATIVE)
+    z_loss_coeff: float | None = ranged(None, NON_NEGATIVE)
+    # token dropping: None keeps every token; a factor caps each expert at factor x its even share
+    capacity_factor: float | None = ranged(None, POSITIVE)
+    drop_policy: Literal["probs", "position"] = "probs"
+    pad_to_capacity: bool = False
+    # an always-on expert beside the routed ones (Qwen2-MoE); its gate is a learned sigmoid
+    shared_expert_ffn_size: int | None = ranged(None, AT_LEAST_1)
+    shared_expert_gate: bool = False
+    # one entry per layer, 1 = MoE, 0 = dense MLP (the model's ffn size); None = every layer MoE
+    layer_pattern: list[int] | None = None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.layer_pattern is None or bool(self.layer_pattern[layer])
+
+
+@dataclass
 class ModelConfig:
     """A decoder-only transformer. GPT-2 and Llama are presets of these fields."""
 
@@ -91,6 +120,13 @@ class ModelConfig:
     init_method_std: float = ranged(0.02, POSITIVE)
     hidden_dropout: float = ranged(0.0, DROPOUT)
     attention_dropout: float = ranged(0.0, DROPOUT)
+    moe: MoEConfig | None = None  # None: a dense model
+
+    @property
+    def expert_ffn_size(self) -> int | None:
+        if self.moe is None:
+            return None
+        return self.moe.ffn_hidden_size or self.ffn_size
 
     @property
     def heads_kv(self) -> int:
@@ -124,6 +160,13 @@ class ParallelConfig:
     pp: int = ranged(1, AT_LEAST_1)
     vpp: int | None = ranged(None, AT_LEAST_1)  # virtual pipeline stages per PP rank (interleaved 1F1B)
     sequence_parallel: bool = False
+    # experts (model.moe): `ep` ranks split the experts; each expert's weights are split over
+    # `etp` ranks (None = tp). Expert layers see world = pp x ep x etp x expert-DP.
+    ep: int = ranged(1, AT_LEAST_1)
+    etp: int | None = ranged(None, AT_LEAST_1)
+    # how tokens reach their experts: alltoall sends each token only to its experts' ranks;
+    # allgather gathers every token on every EP rank (simpler, more traffic)
+    moe_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     world_size: int | None = ranged(None, AT_LEAST_1)  # None: from the launcher's environment
 
     def dp(self, world_size: int) -> int:
