@@ -116,6 +116,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     add_bias_linear: bool = True
     add_qkv_bias: bool = False
+    # a norm (model.normalization) over each head's queries and keys before RoPE (Qwen3, Qwen3-MoE);
+    # megatron-core's qk_layernorm, in its TransformerConfig and layer spec alike
+    qk_layernorm: bool = False
     # init and regularisation
     init_method_std: float = ranged(0.02, POSITIVE)
     hidden_dropout: float = ranged(0.0, DROPOUT)
