@@ -331,6 +331,9 @@ class ExportConfig:
     to: Literal["trtllm", "hf"] = "trtllm"
     tp: int = ranged(1, AT_LEAST_1)
     pp: int = ranged(1, AT_LEAST_1)
+    # experts (MoE models): TensorRT-LLM splits each TP group into ep x (tp / ep) ranks, `ep` ranks
+    # holding num_experts / ep experts each, every expert cut over tp / ep ranks (moe_tp_size)
+    ep: int = ranged(1, AT_LEAST_1)
     dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
     verify: bool | None = None  # CPU reference forward over the rank shards vs the source (fp32 only)
     max_batch_size: int = ranged(8, AT_LEAST_1)

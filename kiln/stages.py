@@ -159,6 +159,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                  Flag("--to", "to", choices=("trtllm", "hf"), required=True),
                  *_CONVERT_FLAGS,
                  Flag("--tp", "tp", type=int), Flag("--pp", "pp", type=int),
+                 Flag("--ep", "ep", "MoE: expert-parallel ranks within each TP group (divides --tp)", type=int),
                  Flag("--dtype", "dtype", choices=("float32", "float16", "bfloat16")),
                  Flag("--verify", "verify", "CPU reference forward over the rank shards vs the source "
                                             "(default: with float32)", kind="toggle"))),
