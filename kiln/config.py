@@ -239,11 +239,39 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (`pip install 'kiln[track]'`). The API key is never a field: it reaches the
+    job as the secret WANDB_API_KEY (launch.secrets, by name)."""
+
+    project: str = "kiln"
+    entity: str | None = None  # None: the key's default entity
+    name: str | None = None  # None: the run directory's name
+    tags: list = field(default_factory=list)
+    # auto: online when WANDB_API_KEY is set, else offline (upload later with `wandb sync <dir>`)
+    mode: Literal["auto", "online", "offline"] = "auto"
+    dir: str | None = None  # where wandb writes its files; None: <run_dir>/wandb
+
+
+@dataclass
+class MLflowConfig:
+    """MLflow (`pip install 'kiln[track]'`)."""
+
+    tracking_uri: str | None = None  # None: a local store, sqlite:///<run_dir>/mlflow/mlflow.db
+    experiment: str = "kiln"
+    run_name: str | None = None  # None: the run directory's name
+    tags: dict = field(default_factory=dict)
+
+
+@dataclass
 class LoggingConfig:
     log_interval: int = ranged(1, AT_LEAST_1)
     tensorboard: bool = True
     progress_bar: bool | None = None  # None: only when stdout is a terminal
     loss_spike_factor: float = ranged(3.0, NON_NEGATIVE)  # warn when loss > factor x running mean; 0 turns it off
+    # experiment trackers beside TensorBoard, fed on rank 0 what metrics.jsonl gets; None: off.
+    # `logging.wandb={}` (or any logging.wandb.<field>=...) turns one on
+    wandb: WandbConfig | None = None
+    mlflow: MLflowConfig | None = None
 
 
 @dataclass
