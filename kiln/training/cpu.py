@@ -12,6 +12,7 @@ Each entry of `_REDIRECTED` names the megatron-core module and what it needs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import types
 
@@ -41,6 +42,12 @@ _REDIRECTED = {
         "torch.cuda.synchronize() before writing shards",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver":
         "save-plan agreement flags all-reduced on device='cuda'",
+    # mixture of experts
+    "megatron.core.transformer.moe.router": "router buffers on torch.cuda.current_device()",
+    "megatron.core.transformer.moe.experts": "expert weights allocated on torch.cuda.current_device()",
+    "megatron.core.transformer.moe.moe_utils": 'aux-loss tracker values on device="cuda"',
+    "megatron.core.transformer.moe.token_dispatcher":
+        "the alltoall dispatcher copies split sizes on a torch.cuda.Stream and waits on its event",
 }
 
 _enabled = False
@@ -62,6 +69,24 @@ class _CpuCuda(types.SimpleNamespace):
         return getattr(torch.cuda, name)
 
 
+class _CpuStream:
+    """A CUDA stream on the CPU, where every operation has finished when it returns: waiting and
+    synchronizing are no-ops and an event is always complete."""
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return types.SimpleNamespace(synchronize=lambda: None, wait=lambda stream=None: None,
+                                     query=lambda: True)
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CURRENT_STREAM = _CpuStream()
+
+
 def _cpu_cuda() -> _CpuCuda:
     return _CpuCuda(
         current_device=lambda: torch.device("cpu"),
@@ -69,7 +94,40 @@ def _cpu_cuda() -> _CpuCuda:
         set_rng_state=lambda state, device=None: torch.set_rng_state(state),
         manual_seed=torch.manual_seed,
         synchronize=lambda device=None: None,
+        Stream=lambda *args, **kwargs: _CpuStream(),
+        current_stream=lambda device=None: _CURRENT_STREAM,
+        stream=lambda stream: contextlib.nullcontext(),
     )
+
+
+def _split_sizes(sizes):
+    """gloo's all_to_all_single takes split sizes as a list; the MoE dispatchers pass tensors or
+    numpy arrays (on GPU they are copied to the host for NCCL, which takes either)."""
+    return sizes.tolist() if hasattr(sizes, "tolist") else sizes
+
+
+class _CpuDistributed(types.SimpleNamespace):
+    """`torch.distributed` as megatron-core's redirected modules see it: the same, except for
+    the two forms gloo lacks: all_to_all_single's split sizes as tensors, and ReduceOp.AVG
+    (the MoE aux-loss tracker averages over DP), done as a sum divided by the group size."""
+
+    def __getattr__(self, name):
+        return getattr(torch.distributed, name)
+
+
+def _cpu_distributed() -> _CpuDistributed:
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, **kwargs):
+        return torch.distributed.all_to_all_single(output, input, _split_sizes(output_split_sizes),
+                                                   _split_sizes(input_split_sizes), **kwargs)
+
+    def all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
+        if op != torch.distributed.ReduceOp.AVG:
+            return torch.distributed.all_reduce(tensor, op=op, group=group, async_op=async_op)
+        torch.distributed.all_reduce(tensor, group=group)
+        tensor.div_(torch.distributed.get_world_size(group))
+        return None
+
+    return _CpuDistributed(all_to_all_single=all_to_all_single, all_reduce=all_reduce)
 
 
 def _with_cpu_device(fn):
@@ -91,6 +149,7 @@ class _CpuTorch(types.ModuleType):
     def __init__(self):
         super().__init__("torch")
         self.cuda = _cpu_cuda()
+        self.distributed = _cpu_distributed()
         for name in _FACTORIES:
             setattr(self, name, _with_cpu_device(getattr(torch, name)))
 
@@ -154,6 +213,11 @@ def enable() -> None:
         module = importlib.import_module(name)
         module.torch = cpu_torch
     _patch_rng_helpers(importlib.import_module("megatron.core.tensor_parallel.random"))
+    # the router's gating linear tests `te_general_gemm is not None`, but moe_utils binds the
+    # name only when TransformerEngine imports (NameError otherwise); None selects torch's matmul
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
     _patch_tensor_methods()
     importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = (
         _clip_grad_by_total_norm_fp32

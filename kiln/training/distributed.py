@@ -111,7 +111,8 @@ def init_process_group(penv: ProcessEnv, timeout_minutes: int = 30) -> torch.dev
 
 
 def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
-    """Create megatron-core's TP/PP/DP groups and seed the model-parallel RNGs."""
+    """Create megatron-core's TP/PP/DP groups (and the expert layers' EP / expert-TP / expert-DP
+    groups) and seed the model-parallel RNGs."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -119,6 +120,8 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp or parallel.tp,
     )
     # must follow initialize_model_parallel: the seeds depend on this rank's TP/PP coordinates
     model_parallel_cuda_manual_seed(seed)

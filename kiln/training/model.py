@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.config import ModelConfig, ParallelConfig
-from kiln.training.layers import SequenceParallelTorchNorm, transformer_engine_available
+from kiln.training.layers import SequenceParallelTorchNorm, seeded_experts, transformer_engine_available
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -78,13 +78,46 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **moe_fields(model, parallel),
+    )
+
+
+def moe_fields(model: ModelConfig, parallel: ParallelConfig) -> dict:
+    """megatron-core's MoE settings for `model.moe` (none for a dense model)."""
+    moe = model.moe
+    if moe is None:
+        return {}
+    grouped = torch.cuda.is_available() and transformer_engine_available()
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.topk,
+        moe_ffn_hidden_size=model.expert_ffn_size,
+        moe_router_score_function=moe.score_function,
+        # pre-softmax: softmax over every expert, then the top-k as they are (sum < 1); without
+        # it the softmax runs over the chosen k only, so their weights sum to 1
+        moe_router_pre_softmax=not moe.normalize_topk,
+        moe_router_load_balancing_type=moe.load_balancing,
+        moe_aux_loss_coeff=moe.aux_loss_coeff if moe.load_balancing != "none" else 0.0,
+        moe_z_loss_coeff=moe.z_loss_coeff,
+        moe_expert_capacity_factor=moe.capacity_factor,
+        moe_token_drop_policy=moe.drop_policy,
+        moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
+        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_size,
+        moe_shared_expert_gate=moe.shared_expert_gate,
+        moe_layer_freq=list(moe.layer_pattern) if moe.layer_pattern is not None else 1,
+        moe_token_dispatcher_type=parallel.moe_dispatcher,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp or parallel.tp,
+        # TransformerEngine's grouped GEMM runs all local experts in one kernel (GPU only);
+        # the local spec runs them one after another (SequentialMLP)
+        moe_grouped_gemm=grouped,
     )
 
 
 def layer_spec(model: ModelConfig, tconfig, vp_stage: int | None):
     """TransformerEngine layers when importable (GPU), megatron-core's local layers otherwise."""
     from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
+        get_gpt_decoder_block_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -93,21 +126,39 @@ def layer_spec(model: ModelConfig, tconfig, vp_stage: int | None):
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     if torch.cuda.is_available() and transformer_engine_available():
+        if model.moe is not None:  # per-layer dense/MoE pattern, experts on TE's grouped GEMM
+            return get_gpt_decoder_block_spec(tconfig, use_transformer_engine=True,
+                                              normalization=model.normalization, vp_stage=vp_stage)
         return get_gpt_layer_with_transformer_engine_spec()
-    layer = get_gpt_layer_local_spec(normalization=model.normalization)
-    # megatron-core's torch-norm wrapper refuses sequence parallelism and does not tag its
-    # weights for the TP all-reduce of their gradients; kiln's norm does both
-    layer.submodules.input_layernorm = SequenceParallelTorchNorm
-    layer.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
+    dense = _local_layer(model, None)
+    moe = _local_layer(model, model.moe.num_experts) if model.moe is not None else None
+    layers = [moe if moe is not None and model.moe.is_moe_layer(i) else dense for i in range(model.num_layers)]
+    offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage)
     count = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
     return ModuleSpec(
         module=TransformerBlock,
         submodules=TransformerBlockSubmodules(
-            layer_specs=[layer] * count, layer_norm=SequenceParallelTorchNorm
+            layer_specs=layers[offset:offset + count], layer_norm=SequenceParallelTorchNorm
         ),
     )
+
+
+def _local_layer(model: ModelConfig, num_experts: int | None):
+    """megatron-core's local layer spec with kiln's norm, dense or MoE."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    layer = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False,
+                                     normalization=model.normalization)
+    # megatron-core's torch-norm wrapper refuses sequence parallelism and does not tag its
+    # weights for the TP all-reduce of their gradients; kiln's norm does both
+    layer.submodules.input_layernorm = SequenceParallelTorchNorm
+    layer.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
+    if num_experts is not None:
+        layer.submodules.mlp.submodules.experts.module = seeded_experts()
+    return layer
 
 
 def build_gpt(model: ModelConfig, parallel: ParallelConfig, tconfig, vp_stage: int | None = None):
