@@ -2,9 +2,13 @@
 
 It computes what the engine would: each TP rank works on its own shard, partial results of
 attention.dense and mlp.proj are summed where TensorRT-LLM all-reduces, lm_head slices are
-gathered, and stages run in order. RoPE (with Llama 3.1 scaling) is computed here from the
-config alone. Agreement with the source model's logits checks names, splits and the KV-head
-duplication of the export without a GPU; it is an independent implementation, not transformers'.
+gathered, and stages run in order. An MoE layer (config `moe`) routes with each rank's float32
+router as TensorRT-LLM's MixtureOfExperts does (RENORMALIZE: softmax over the top-k logits;
+NONE: top-k of the softmax), runs the rank's experts (its EP slice, its moe-TP slice of each
+expert's features; fc = [up; gate]) and sums over the TP group, the MoE all-reduce. RoPE (with
+Llama 3.1 scaling) is computed here from the config alone. Agreement with the source model's
+logits checks names, splits, the KV-head duplication and the expert placement of the export
+without a GPU; it is an independent implementation, not transformers'.
 """
 
 from __future__ import annotations
@@ -41,6 +45,28 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _experts(h: torch.Tensor, w: dict, p: str, cfg: dict, tp_rank: int) -> torch.Tensor:
+    """One TP rank's share of an MoE layer: its experts' outputs, weighted by the routing."""
+    moe, ep = cfg["moe"], cfg["mapping"].get("moe_ep_size", 1)
+    logits = h.float() @ w[p + "mlp.router.weight"].float().T
+    if moe["normalization_mode"] == 1:  # RENORMALIZE
+        top, chosen = logits.topk(moe["top_k"], dim=-1)
+        scales = top.softmax(-1)
+    elif moe["normalization_mode"] == 0:  # NONE
+        scales, chosen = logits.softmax(-1).topk(moe["top_k"], dim=-1)
+    else:
+        raise ValueError(f"moe.normalization_mode {moe['normalization_mode']} is not one kiln writes (0, 1)")
+    weight = torch.zeros_like(logits).scatter(-1, chosen, scales)  # [..., experts], zero where not chosen
+    fc, proj = w[p + "mlp.fc.weight"].float(), w[p + "mlp.proj.weight"].float()
+    first = (tp_rank % ep) * fc.shape[0]  # moe_ep_rank's contiguous experts
+    out = 0
+    for i in range(fc.shape[0]):
+        up, gate = fc[i].chunk(2)  # the linear half first, the activated half second
+        y = (F.silu(h @ gate.T) * (h @ up.T)) @ proj[i].T
+        out = out + weight[..., first + i, None] * y
+    return out
 
 
 def trtllm_logits(directory: str | Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -82,7 +108,10 @@ def trtllm_logits(directory: str | Path, tokens: torch.Tensor) -> torch.Tensor:
             x = x + attn
             h = _rms_norm(x, stage[0][p + "post_layernorm.weight"].float(), eps)
             mlp = 0
-            for w in stage:
+            for rank, w in enumerate(stage):
+                if p + "mlp.router.weight" in w:
+                    mlp = mlp + _experts(h, w, p, cfg, rank)
+                    continue
                 gated = F.silu(h @ w[p + "mlp.fc.weight"].float().T) * (h @ w[p + "mlp.gate.weight"].float().T)
                 mlp = mlp + gated @ w[p + "mlp.proj.weight"].float().T
             x = x + mlp
