@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kiln.artifact import read_manifest
 from kiln.config import ChatDataConfig, PretrainConfig
+from kiln.training import trackers
 from kiln.training.shapes import check_weights
 from kiln.validation import Check, Problems, check_output_dir, check_ranges
 
@@ -35,11 +36,13 @@ def rules(cfg: PretrainConfig, check: Check, problems: Problems) -> None:
     if any(line.startswith(("parallel.", "model.", "train.")) for line in problems.lines[before:]):
         return  # the layout rules below divide by these values
     layout_rules(cfg, check.world_size, problems)
+    moe_rules(cfg, check.world_size, problems)
     if cfg.train.steps:
         schedule_rules(cfg, problems)
     else:
         eval_only_rules(cfg, check, problems)
     check_output_dir("run_dir", cfg.run_dir, problems)
+    trackers.rules(cfg.logging, problems)
     if isinstance(cfg.data, ChatDataConfig):
         finetune_rules(cfg, check, problems)
     else:
@@ -135,6 +138,67 @@ def layout_rules(cfg: PretrainConfig, world_size: int, problems: Problems) -> No
         )
     if t.precision == "fp16" and not _cuda():
         problems.add("train.precision=fp16 needs a GPU: use fp32 (or auto) on CPU")
+
+
+def moe_rules(cfg: PretrainConfig, world_size: int, problems: Problems) -> None:
+    """Experts and expert parallelism: each rule is one megatron-core would otherwise assert on
+    (TransformerConfig.__post_init__, initialize_model_parallel, MoELayer), minutes into a job."""
+    m, p = cfg.model, cfg.parallel
+    moe, etp = m.moe, p.etp or p.tp
+    if moe is None:
+        if p.ep > 1 or p.etp is not None:
+            problems.add(f"parallel.ep={p.ep}{f' parallel.etp={p.etp}' if p.etp is not None else ''} split "
+                         f"experts, but model.moe is unset (a dense model): set model.moe (e.g. "
+                         f"model.moe.num_experts=8), or parallel.ep=1 and parallel.etp=null")
+        return
+    if moe.num_experts % p.ep:
+        problems.add(f"model.moe.num_experts={moe.num_experts} is not divisible by parallel.ep={p.ep}: each EP "
+                     f"rank holds the same number of experts; pick parallel.ep among {_divisors(moe.num_experts)}")
+    expert_mp = p.pp * p.ep * etp
+    if world_size % expert_mp:
+        problems.add(f"world size {world_size} is not divisible by parallel.pp x parallel.ep x expert TP = "
+                     f"{p.pp} x {p.ep} x {etp} = {expert_mp}: the expert layers split the ranks of each pipeline "
+                     f"stage into EP x expert-TP x expert-DP; launch a multiple of {expert_mp} processes, or "
+                     f"lower parallel.ep / parallel.etp")
+    if moe.topk > moe.num_experts:
+        problems.add(f"model.moe.topk={moe.topk} exceeds model.moe.num_experts={moe.num_experts}: a token "
+                     f"cannot go to more experts than there are; lower model.moe.topk")
+    if moe.layer_pattern is not None:
+        pattern = moe.layer_pattern
+        if len(pattern) != m.num_layers or any(v not in (0, 1) for v in pattern):
+            problems.add(f"model.moe.layer_pattern={pattern} must hold one 0 (dense) or 1 (MoE) per layer, "
+                         f"model.num_layers={m.num_layers} entries: fix the list, or set it to null for "
+                         f"experts in every layer")
+        elif not any(pattern):
+            problems.add("model.moe.layer_pattern has no MoE layer (all 0): set at least one 1, or unset "
+                         "model.moe for a dense model")
+    if m.expert_ffn_size % etp:
+        problems.add(f"the expert hidden size {m.expert_ffn_size} (model.moe.ffn_hidden_size, else the "
+                     f"model's) is not divisible by the expert TP size {etp} (parallel.etp, else parallel.tp): "
+                     f"change one of them")
+    if moe.shared_expert_ffn_size is not None and moe.shared_expert_ffn_size % p.tp:
+        problems.add(f"model.moe.shared_expert_ffn_size={moe.shared_expert_ffn_size} is not divisible by "
+                     f"parallel.tp={p.tp}: the shared expert is split like a dense MLP; change one of them")
+    if moe.shared_expert_gate and moe.shared_expert_ffn_size is None:
+        problems.add("model.moe.shared_expert_gate=true gates a shared expert, but "
+                     "model.moe.shared_expert_ffn_size is unset: set it, or the gate to false")
+    if moe.pad_to_capacity and moe.capacity_factor is None:
+        problems.add("model.moe.pad_to_capacity=true pads each expert's tokens to its capacity, but "
+                     "model.moe.capacity_factor is unset: set it (e.g. 1.25), or pad_to_capacity=false")
+    if moe.topk == 1 and moe.score_function == "softmax" and moe.normalize_topk:
+        problems.add("model.moe.topk=1 with normalize_topk=true: a softmax over one chosen expert is always 1 "
+                     "and the router would get no gradient; set model.moe.normalize_topk=false "
+                     "(softmax over all experts first)")
+    if moe.score_function == "sigmoid" and not moe.normalize_topk and moe.topk > 1:
+        problems.add("model.moe.score_function=sigmoid with normalize_topk=false: megatron-core always "
+                     "renormalises sigmoid top-k weights to sum to 1; set model.moe.normalize_topk=true")
+    if m.add_bias_linear and etp != 1:
+        problems.add(f"model.add_bias_linear=true with experts split over expert TP {etp}: megatron-core "
+                     f"supports expert biases only at expert TP 1; set parallel.etp=1, or "
+                     f"model.add_bias_linear=false")
+    if p.tp > 1 and not p.sequence_parallel:
+        problems.add(f"model.moe with parallel.tp={p.tp} needs parallel.sequence_parallel=true: megatron-core's "
+                     f"MoE layer refuses to train on TP without it (each TP rank must route its own tokens)")
 
 
 def schedule_rules(cfg: PretrainConfig, problems: Problems) -> None:
