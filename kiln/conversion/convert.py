@@ -13,8 +13,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from kiln.artifact import atomic_dir, checkpoint_name, checkpoints_dir, mark_latest, write_manifest
 from kiln.bootstrap import interactive
 from kiln.config import ConvertConfig
@@ -26,11 +24,13 @@ from kiln.conversion.source import (
     common_state,
     megatron_chunks,
     open_source,
+    parameter_count,
     total_bytes,
     untied,
     write_hf,
 )
 from kiln.conversion.verify import compare, hf_logits, megatron_logits, sample_tokens
+from kiln.errors import ConfigError
 from kiln.validation import Check, Problems, check_inputs, check_output_dir, check_ranges, ensure_valid
 
 VERIFY_DEFAULT_MAX_PARAMS = 2_000_000_000  # above this, --verify must be asked for (it loads both models)
@@ -57,8 +57,11 @@ def convert(cfg: ConvertConfig) -> dict:
     started = time.time()
     source = Path(cfg.source)
     model = open_source(source, cfg.tp, cfg.tokenizer)
+    if model.config.moe is not None and cfg.to in ("nemo", "nemo2"):
+        raise ConfigError(f"to={cfg.to!r}: {model.describe} is a mixture of experts, which kiln converts between "
+                          f"Hugging Face and kiln's Megatron checkpoints only; use to=megatron or to=hf")
     dtype = DTYPES[cfg.dtype] if cfg.dtype else model.dtype
-    n_params = sum(int(torch.Size(model.shape(p.megatron)).numel()) for p in model.params)
+    n_params = parameter_count(model)
     logits_check = cfg.verify if cfg.verify is not None else n_params < VERIFY_DEFAULT_MAX_PARAMS
     out = Path(cfg.output)
     tokenizer = model.tokenizer

@@ -139,20 +139,21 @@ class Reader:
     def dtype(self, key: str) -> torch.dtype:
         return self.entries[key].properties.dtype
 
-    def read(self, key: str, index: int | None = None) -> torch.Tensor:
-        """The whole tensor, or row `index` of dim 0 (one layer of a stacked megatron tensor)."""
+    def read(self, key: str, index: int | tuple[int, ...] | None = None) -> torch.Tensor:
+        """The whole tensor, or the sub-tensor at leading indices `index` (one layer of a stacked
+        megatron tensor; one expert of one layer: (layer, expert))."""
         from torch.distributed.checkpoint import load
 
+        index = () if index is None else (index,) if isinstance(index, int) else tuple(index)
         shape = self.shape(key)
-        offsets = (0,) * len(shape)
-        if index is not None:
-            offsets, shape = (index,) + offsets[1:], (1,) + shape[1:]
-        out = torch.empty(shape, dtype=self.dtype(key))
+        offsets = index + (0,) * (len(shape) - len(index))
+        region = (1,) * len(index) + shape[len(index):]
+        out = torch.empty(region, dtype=self.dtype(key))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             load({}, storage_reader=FileSystemReader(str(self.path)),
                  planner=_ChunkLoadPlanner(key, offsets, out), no_dist=True)
-        return out[0] if index is not None else out
+        return out.reshape(shape[len(index):])
 
     def storage_files(self) -> set[str]:
         return {info.relative_path for info in self.metadata.storage_data.values()}

@@ -5,10 +5,10 @@ from __future__ import annotations
 from types import ModuleType
 
 from kiln.config import ModelConfig
-from kiln.conversion import gpt2, llama
+from kiln.conversion import gpt2, llama, moe
 from kiln.errors import ConfigError
 
-FAMILIES: dict[str, ModuleType] = {t: module for module in (llama, gpt2) for t in module.MODEL_TYPES}
+FAMILIES: dict[str, ModuleType] = {t: module for module in (llama, gpt2, moe) for t in module.MODEL_TYPES}
 
 
 def for_model_type(model_type: str | None, source: str) -> ModuleType:
@@ -22,6 +22,8 @@ def for_model_type(model_type: str | None, source: str) -> ModuleType:
 
 def model_type_for(m: ModelConfig) -> str:
     """The HF model_type a kiln ModelConfig exports as."""
+    if m.moe is not None:
+        return moe.model_type_for(m)
     if m.position_embedding == "learned_absolute" and m.normalization == "LayerNorm":
         return "gpt2"
     if m.activation == "swiglu" and m.normalization == "RMSNorm" and m.position_embedding == "rope":

@@ -55,7 +55,7 @@ def hf_config(m: ModelConfig, model_type: str = "gpt2") -> dict:
     return {key: value for key, value in config.items() if key not in ("transformers_version", "dtype", "torch_dtype")}
 
 
-def params(m: ModelConfig, padded_vocab: int) -> list[Param]:
+def params(m: ModelConfig, padded_vocab: int, model_type: str | None = None) -> list[Param]:
     if not m.tie_embeddings:
         raise ConfigError("GPT-2 ties its embeddings: model.tie_embeddings must be true")
     qkv = InterleavedQKV(m.num_attention_heads, m.num_attention_heads, m.head_dim, fused_input=True)

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from kiln.config import ModelConfig, ParallelConfig
-from kiln.conversion import hf
+from kiln.conversion import hf, moe
 from kiln.conversion.mapping import PaddedVocab
-from kiln.conversion.verify import TensorSource, fill, one_process_engine
+from kiln.conversion.verify import TensorSource, fill, locate, one_process_engine
 from kiln.errors import ParityError
 
 TOLERANCE = 1e-4  # of max(1, the reference's largest |value|) at that point
@@ -54,7 +54,8 @@ class HFSide:
                 full = f"{prefix}.{name}" if prefix else name
                 if full not in self.reader.names() and module is self.model.lm_head:
                     full = f"{self.names[tied]}.weight"
-                param.copy_(self.reader.get(full).float())
+                tensor = moe.module_tensor(self.config.model_type, self.reader, full)  # experts fused in memory
+                param.copy_((self.reader.get(full) if tensor is None else tensor).float())
         return module
 
     def _release(self, module) -> None:
@@ -78,7 +79,7 @@ class HFSide:
             positions = torch.arange(hidden.shape[1]).unsqueeze(0)
             kwargs = {"position_embeddings": self.rotary(hidden, positions), "position_ids": positions}
         with torch.no_grad():
-            out = layer(hidden, **kwargs)
+            out = layer(hidden.contiguous(), **kwargs)  # MoE blocks view it flat
         self._release(layer)
         return out[0] if isinstance(out, tuple) else out
 
@@ -93,29 +94,46 @@ class HFSide:
 
 
 class MegatronSide:
-    """kiln's engine: megatron-core's GPTModel with one decoder layer, refilled for each layer index."""
+    """kiln's engine: megatron-core's GPTModel with one decoder layer, refilled for each layer index (an
+    MoE model with dense layers has two such models, one of each kind)."""
 
     def __init__(self, read: TensorSource, m: ModelConfig):
+        self._engine = one_process_engine()
+        self._engine.__enter__()
+        self.read, self.num_layers, self.vocab, self.config = read, m.num_layers, m.vocab_size, m
+        kinds = {self._kind(i) for i in range(m.num_layers)}
+        self.models = {kind: self._one_layer(kind) for kind in sorted(kinds, reverse=True)}
+        self.gpt = self.models[self._kind(0)][0]
+
+    def _kind(self, layer: int) -> str:
+        return "moe" if self.config.moe is not None and self.config.moe.is_moe_layer(layer) else "dense"
+
+    def _one_layer(self, kind: str):
+        """A one-layer GPTModel of this kind, its whole-model tensors filled, and its layer's sharded tensors
+        as (sharded tensor, global-view key, expert)."""
         from megatron.core.dist_checkpointing.dict_utils import nested_values
         from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
         from kiln.training.model import build_gpt, transformer_config
 
-        self._engine = one_process_engine()
-        self._engine.__enter__()
-        parallel = ParallelConfig()
-        one = dataclasses.replace(m, num_layers=1)
-        self.gpt = build_gpt(one, parallel, transformer_config(one, parallel, "fp32"))
-        self.gpt.eval()
-        self.read, self.num_layers, self.vocab = read, m.num_layers, m.vocab_size
-        sharded = self.gpt.sharded_state_dict()
+        m, parallel = self.config, ParallelConfig()
+        moe = None if kind == "dense" else dataclasses.replace(m.moe, layer_pattern=None)
+        one = dataclasses.replace(m, num_layers=1, moe=moe)
+        gpt = build_gpt(one, parallel, transformer_config(one, parallel, "fp32"))
+        gpt.eval()
+        sharded = gpt.sharded_state_dict()
         apply_factories(sharded)  # SwiGLU's fc1 becomes its gate and up halves, views of the weight
-        tensors = [sh for sh in nested_values(sharded) if isinstance(sh, ShardedTensor)]
-        self.per_layer = [sh for sh in tensors if sh.prepend_axis_num]
+        per_layer = []
         with torch.no_grad():
-            for sh in tensors:
-                if not sh.prepend_axis_num:
-                    fill(sh, read(sh.key, None))
+            for sh in nested_values(sharded):
+                if not isinstance(sh, ShardedTensor):
+                    continue
+                key, layer, expert = locate(sh)
+                if layer is None:
+                    fill(sh, self.read(key, None))
+                else:
+                    per_layer.append((sh, key, expert))
+        return gpt, per_layer
 
     def close(self) -> None:
         self._engine.__exit__(None, None, None)
@@ -126,12 +144,13 @@ class MegatronSide:
             return self.gpt.embedding(input_ids=tokens, position_ids=positions).transpose(0, 1)  # [b, s, h]
 
     def layer(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        gpt, per_layer = self.models[self._kind(index)]
         with torch.no_grad():
-            for sh in self.per_layer:
-                fill(sh, self.read(sh.key, index))
-            rotary = self.gpt.rotary_pos_emb(hidden.shape[1]) if hasattr(self.gpt, "rotary_pos_emb") else None
-            out, _ = self.gpt.decoder.layers[0](hidden_states=hidden.transpose(0, 1).contiguous(),
-                                                attention_mask=None, rotary_pos_emb=rotary)
+            for sh, key, expert in per_layer:
+                fill(sh, self.read(key, index, expert))
+            rotary = gpt.rotary_pos_emb(hidden.shape[1]) if hasattr(gpt, "rotary_pos_emb") else None
+            out, _ = gpt.decoder.layers[0](hidden_states=hidden.transpose(0, 1).contiguous(),
+                                           attention_mask=None, rotary_pos_emb=rotary)
         return out.transpose(0, 1)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -175,9 +194,10 @@ def compare_tensors(reference, candidate, what: str) -> dict[str, float]:
     deltas: dict[str, float] = {}
     vocab = reference.config.vocab_size
     for p in reference.params:
-        layers = range(reference.config.num_layers) if p.per_layer else [None]
-        for layer in layers:
-            a, b = reference.read(p.megatron, layer).float(), candidate.read(p.megatron, layer).float()
+        layers = p.layer_indices(reference.config.num_layers) if p.per_layer else [None]
+        for layer, expert in ((layer, expert) for layer in layers for expert in p.expert_indices()):
+            a = reference.read(p.megatron, layer, expert).float()
+            b = candidate.read(p.megatron, layer, expert).float()
             if isinstance(p.transform, PaddedVocab):
                 a, b = a[:vocab], b[:vocab]
             if a.shape != b.shape:

@@ -120,7 +120,7 @@ def hf_config(m: ModelConfig, model_type: str = "llama") -> dict:
     return {key: value for key, value in config.items() if key not in ("transformers_version", "dtype", "torch_dtype")}
 
 
-def params(m: ModelConfig, padded_vocab: int) -> list[Param]:
+def params(m: ModelConfig, padded_vocab: int, model_type: str | None = None) -> list[Param]:
     qkv = InterleavedQKV(m.num_attention_heads, m.heads_kv, m.head_dim)
     vocab = PaddedVocab(m.vocab_size, padded_vocab)
     layer = "model.layers.{i}."

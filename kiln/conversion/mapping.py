@@ -114,12 +114,23 @@ class PaddedVocab(Transform):
 @dataclass
 class Param:
     megatron: str  # global tensor key; keys under decoder.layers. are stacked over layers
-    hf: list[str]  # HF names; {i} is the layer index
+    hf: list[str]  # HF names; {i} is the layer index, {e} the expert's
     transform: Transform = field(default_factory=Same)
+    # the layers that have this tensor (None: all); an MoE model's dense layers have an MLP, the others experts
+    layers: tuple[int, ...] | None = None
+    # routed experts: the global tensor is [layers, experts, ...] and one expert is one HF tensor set
+    experts: int = 0
 
     @property
     def per_layer(self) -> bool:
         return self.megatron.startswith("decoder.layers.")
 
-    def hf_names(self, layer: int | None = None) -> list[str]:
-        return [name.format(i=layer) for name in self.hf]
+    def layer_indices(self, num_layers: int) -> list[int]:
+        return list(range(num_layers)) if self.layers is None else list(self.layers)
+
+    def expert_indices(self) -> list[int | None]:
+        """Each expert of a routed-expert tensor, or [None] for any other."""
+        return list(range(self.experts)) if self.experts else [None]
+
+    def hf_names(self, layer: int | None = None, expert: int | None = None) -> list[str]:
+        return [name.format(i=layer, e=expert) for name in self.hf]

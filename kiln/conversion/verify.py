@@ -17,8 +17,8 @@ from kiln.config import ModelConfig, ParallelConfig
 from kiln.errors import ParityError
 
 TOLERANCE = 1e-4
-# read(key, layer) -> the whole global tensor, or one layer of a stacked one
-TensorSource = Callable[[str, "int | None"], torch.Tensor]
+# read(key, layer, expert) -> the whole global tensor, one layer of a stacked one, or one expert of one layer
+TensorSource = Callable[..., torch.Tensor]
 
 
 def sample_tokens(vocab: int, batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
@@ -74,15 +74,28 @@ def megatron_logits(read: TensorSource, m: ModelConfig, tokens: torch.Tensor) ->
         with torch.no_grad():
             for sh in nested_values(sharded):
                 if isinstance(sh, ShardedTensor):
-                    fill(sh, read(sh.key, sh.global_offset[0] if sh.prepend_axis_num else None))
+                    fill(sh, read(*locate(sh)))
             model.eval()
             positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
             logits = model(tokens, positions, None)
         return logits[..., : m.vocab_size].float()
 
 
+def locate(sh) -> tuple[str, int | None, int | None]:
+    """(global-view key, layer, expert) of one of megatron-core's sharded tensors: the layer from the
+    stacked axis or, when each layer's tensors are named apart, from the key; a routed expert's global
+    id from the axis after it."""
+    from kiln.conversion.megatron import global_key
+
+    key, layer = global_key(sh.key)
+    axes = list(sh.global_offset[: sh.prepend_axis_num])
+    if layer is None and key.startswith("decoder.layers.") and axes:
+        layer = axes.pop(0)
+    return key, layer, axes[0] if axes else None
+
+
 def fill(sh, full: torch.Tensor) -> None:
-    """A sharded tensor's region of `full` (the global tensor, or one layer's of a stacked key)."""
+    """A sharded tensor's region of `full` (the global tensor, or one layer's (one expert's) of a stacked key)."""
     region = full
     for dim, (start, size) in enumerate(zip(sh.global_offset[sh.prepend_axis_num:], sh.local_shape, strict=True)):
         region = region.narrow(dim, start, size)
