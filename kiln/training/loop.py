@@ -15,6 +15,7 @@ from kiln.errors import CheckpointError
 from kiln.training import checkpoint as ckpt
 from kiln.training.engine import eval_step, train_step
 from kiln.training.metrics import MetricsLogger, flops_per_token
+from kiln.training.moe import MoEMonitor
 from kiln.training.preemption import EXIT_PREEMPTED, PreemptionHandler
 
 
@@ -63,9 +64,12 @@ class StepRunner:
         vocab = cfg.model.padded_vocab_size(cfg.parallel.tp)
         self.flops = flops_per_token(cfg.model, cfg.train.seq_length, vocab)
         self.validation: dict | None = None  # the latest round: {"step", "val_loss", ...}, for the manifest
+        self.moe = MoEMonitor(engine.chunks, cfg.model, device) if cfg.model.moe is not None else None
 
     def __call__(self, step: int) -> dict:
         t = self.cfg.train
+        if self.moe is not None:
+            self.moe.reset()
         tic = time.perf_counter()
         result = train_step(self.engine, lambda: self.task.batches(step), self.microbatches, t.seq_length,
                             t.micro_batch_size * self.task.rows_per_sample, self.task.forward_step,
@@ -75,6 +79,8 @@ class StepRunner:
         record = {**{k: result[k] for k in self.task.report_names}, "lr": result["lr"],
                   "grad_norm": result["grad_norm"], "tokens_per_s": self.task.tokens_per_step / seconds,
                   "s_per_step": seconds, **({"skipped": 1} if "skipped" in result else {})}
+        if self.moe is not None:  # aux losses and expert load of this step's forward passes
+            record.update(self.moe.collect(self.microbatches))
         if self.device.type == "cuda":
             record["tflops_per_gpu"] = self.flops * self.task.tokens_per_step / seconds / self.world / 1e12
         if t.eval_interval and self.sources and (step + 1) % t.eval_interval == 0:

@@ -77,13 +77,14 @@ class MetricsLogger:
             return
         self._jsonl.write(json.dumps({"step": step, **record}) + "\n")
         if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and value is not None:
-                    self._tb.add_scalar(key.replace(" ", "_"), value, step)
+            for key, value in _scalars(record):
+                self._tb.add_scalar(key.replace(" ", "_"), value, step)
         if self._progress is not None and "loss" in record:
             self._progress.update(self._task, completed=step, loss=f"{record['loss']:.4f}")
         if echo or step % self.cfg.log_interval == 0:
-            parts = [f"step {step:>6}"] + [_fmt(k, v) for k, v in record.items() if v is not None]
+            # nested values (per-layer MoE losses, tokens per expert) go to the files only
+            parts = [f"step {step:>6}"] + [_fmt(k, v) for k, v in record.items()
+                                           if v is not None and not isinstance(v, (dict, list))]
             line = " | ".join(parts)
             if self._progress is not None:
                 self._progress.console.print(line)
@@ -97,6 +98,19 @@ class MetricsLogger:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def _scalars(record: dict, prefix: str = ""):
+    """(key, number) pairs of a record, nested dicts and lists flattened to key/sub/index
+    (expert_tokens/<layer>/<expert>)."""
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{name}/")
+        elif isinstance(value, list):
+            yield from _scalars({str(i): v for i, v in enumerate(value)}, f"{name}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield name, value
 
 
 def _fmt(key: str, value) -> str:
