@@ -39,14 +39,17 @@ TRTLLM_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloa
 
 
 def layer_tensors(model: Model, layer: int, meta: bool = False) -> dict[str, torch.Tensor]:
-    """One layer's HF-named tensors (the family mapping turns megatron's layout back into HF's);
-    with `meta`, shapes only."""
+    """One layer's HF-named tensors (the family mapping turns megatron's layout back into HF's),
+    each routed expert read on its own; with `meta`, shapes only."""
     out = {}
     for p in model.params:
-        if p.per_layer:
-            source = (torch.empty(model.shape(p.megatron)[1:], device="meta") if meta
-                      else model.read(p.megatron, layer))
-            out.update(zip(p.hf_names(layer), p.transform.to_hf(source), strict=True))
+        if not p.per_layer or layer not in p.layer_indices(model.config.num_layers):
+            continue
+        for expert in p.expert_indices():
+            at = (layer,) if expert is None else (layer, expert)
+            source = (torch.empty(model.shape(p.megatron)[len(at):], device="meta") if meta
+                      else model.read(p.megatron, *at))
+            out.update(zip(p.hf_names(layer, expert), p.transform.to_hf(source), strict=True))
     return {name.split(f".{layer}.", 1)[1]: t for name, t in out.items()}
 
 
