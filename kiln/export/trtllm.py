@@ -234,7 +234,8 @@ def export_trtllm(cfg: ExportConfig) -> dict:
                 reference = hf_logits(model.tokenizer, tokens)
             else:
                 reference = megatron_logits(model.read, m, tokens)
-            delta = compare(reference, trtllm_logits(tmp, tokens), f"TensorRT-LLM export (tp={tp}, pp={pp}, ep={ep})")
+            layout = f"tp={tp}, pp={pp}" + (f", ep={ep}" if ep > 1 else "")
+            delta = compare(reference, trtllm_logits(tmp, tokens), f"TensorRT-LLM export ({layout})")
         summary = {"tp": tp, "pp": pp, "ep": ep, "dtype": cfg.dtype, "verified": verify,
                    "max_abs_logit_delta": delta,
                    "trtllm_image": TRTLLM_IMAGE, "max_input_len": max_input_len, "max_seq_len": max_seq_len,
