@@ -20,6 +20,7 @@ from kiln.artifact import atomic_dir, digest, write_manifest
 from kiln.config import EvalConfig
 from kiln.errors import ConfigError
 from kiln.evaluation import gate, suites
+from kiln.training import trackers
 from kiln.training.distributed import process_env
 from kiln.validation import Check, Problems, check_output_dir, check_ranges, ensure_valid
 
@@ -170,7 +171,10 @@ def _evaluate(cfg: EvalConfig, kind: str, staging: Path, started: float) -> dict
         inputs = [*([scored["path"]] if kind != "endpoint" else []), *cfg.tasks,
                   *sorted({str(d) for f in task_files for d in f.data})]
         write_manifest(tmp, "eval", cfg, inputs, summary, started)
+    tracked = trackers.log_eval(summary, cfg.output_dir)  # into the W&B / MLflow runs of the scored model's training
     print(gate.table(summary), flush=True)
+    if tracked is not None:
+        print(f"logged to the experiment trackers of {tracked}", flush=True)
     gate.enforce(summary)
     return summary
 

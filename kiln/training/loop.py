@@ -176,7 +176,7 @@ def train(cfg, engine, task: Task, rank: int, world: int, device) -> dict:
         raise CheckpointError(f"train.steps=0 scores a checkpoint, but {cfg.checkpoint_dir} holds none and "
                               f"checkpoint.load_weights is unset: set checkpoint.load_weights=<checkpoint or run dir>")
     metrics = MetricsLogger(cfg.run_dir, cfg.logging, t.steps, enabled=rank == 0,
-                            resumed=start_step > 0 and not evaluating)
+                            resumed=start_step > 0 and not evaluating, config=cfg)
     if rank == 0:
         p = cfg.parallel
         print(f"kiln {task.name}: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size} | "

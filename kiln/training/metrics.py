@@ -1,4 +1,5 @@
-"""Per-step observability on rank 0: a log line, metrics.jsonl, TensorBoard and a progress bar."""
+"""Per-step observability on rank 0: a log line, metrics.jsonl, TensorBoard, a progress bar and the
+experiment trackers of `logging.wandb` / `logging.mlflow` (kiln.training.trackers)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from kiln.bootstrap import interactive
 from kiln.config import LoggingConfig, ModelConfig
 from kiln.errors import Divergence
+from kiln.training import trackers
 
 log = logging.getLogger("kiln.train")
 
@@ -28,16 +30,20 @@ def flops_per_token(model: ModelConfig, seq_length: int, vocab: int) -> float:
 
 class MetricsLogger:
     def __init__(self, run_dir: str, cfg: LoggingConfig, total_steps: int, enabled: bool,
-                 resumed: bool = True):
+                 resumed: bool = True, config=None):
+        """`config`: the stage's whole config, for the experiment trackers (they log it)."""
         self.cfg = cfg
         self.enabled = enabled
         self.recent = deque(maxlen=20)
         self._jsonl = self._tb = self._progress = None
+        self._trackers: list = []
         if not enabled:
             return
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         # a resumed run continues the file; a new run in an old directory starts it afresh
         self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a" if resumed else "w", buffering=1)
+        if config is not None:  # the same choice as metrics.jsonl: continue the tracker runs, or start new ones
+            self._trackers = trackers.open_run(config, resumed)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -79,6 +85,10 @@ class MetricsLogger:
         if self._tb is not None:
             for key, value in _scalars(record):
                 self._tb.add_scalar(key.replace(" ", "_"), value, step)
+        if self._trackers:
+            values = trackers.flatten(record)
+            for tracker in self._trackers:
+                tracker.log(step, values)
         if self._progress is not None and "loss" in record:
             self._progress.update(self._task, completed=step, loss=f"{record['loss']:.4f}")
         if echo or step % self.cfg.log_interval == 0:
@@ -96,6 +106,8 @@ class MetricsLogger:
             self._progress.stop()
         if self._tb is not None:
             self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
         if self._jsonl is not None:
             self._jsonl.close()
 

@@ -16,7 +16,7 @@ import torch
 from kiln.artifact import write_manifest
 from kiln.config import PretrainConfig
 from kiln.data import gpt_dataset
-from kiln.training import loop
+from kiln.training import loop, trackers
 from kiln.training.distributed import (
     destroy_model_parallel,
     init_model_parallel,
@@ -75,9 +75,12 @@ def run_ranks(cfg, body) -> dict:
     device = init_process_group(penv)
     init_model_parallel(cfg.parallel, cfg.train.seed)
     try:
-        return body(cfg, penv.rank, penv.world_size, device, started, request)
+        summary = body(cfg, penv.rank, penv.world_size, device, started, request)
     finally:
         destroy_model_parallel()
+    if penv.rank == 0 and "steps" in summary:  # the body wrote kiln.json: its lineage goes to the trackers
+        trackers.log_manifest(cfg.run_dir)
+    return summary
 
 
 def _train(cfg: PretrainConfig, rank: int, world: int, device, started: float,
