@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,curate]'
+	$(PY) -m pip install -q -e '.[dev,curate,track]'
 	touch $(STAMP)
 
 # NeMo 2.7.3 in its own venv, for the interop tests that run NeMo's own importer and exporter
