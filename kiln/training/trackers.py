@@ -55,8 +55,8 @@ def _installed(module: str) -> bool:
 
 
 def flatten(record: dict, prefix: str = "") -> dict[str, float]:
-    """The numbers of a record under "/"-joined keys: a dict (per expert, per source) or a list of
-    numbers (per-expert load) becomes one series per entry; None and text are left out."""
+    """The numbers of a record under "/"-joined keys, as TensorBoard gets them: a dict (per layer) or a
+    list (tokens per expert) becomes one series per entry; None, flags and text are left out."""
     out: dict[str, float] = {}
     for key, value in record.items():
         name = f"{prefix}{key}"
@@ -64,7 +64,7 @@ def flatten(record: dict, prefix: str = "") -> dict[str, float]:
             out.update(flatten(value, f"{name}/"))
         elif isinstance(value, (list, tuple)):
             out.update(flatten({str(i): v for i, v in enumerate(value)}, f"{name}/"))
-        elif isinstance(value, (int, float)) and math.isfinite(value):
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[name] = float(value)
     return out
 
