@@ -40,6 +40,10 @@ class CurationInputError(InputError):
     """Bad raw input under `strict`."""
 
 
+class ReportError(InputError):
+    """A run or pipeline `kiln report` cannot read, or an output it cannot write; names the path and the fix."""
+
+
 class FormatError(InputError):
     """A checkpoint or weights file that is not what its format promises."""
 
