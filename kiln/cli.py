@@ -6,7 +6,8 @@
     kiln sft|dpo|rm|rlhf --recipe tiny [field.path=value ...]
     kiln convert SOURCE --to hf|megatron|nemo2|nemo --output DIR
     kiln export SOURCE --to trtllm --output DIR --tp 2
-    kiln pipeline run|status tiny
+    kiln pipeline run|status tiny [--watch]
+    kiln report tiny | runs/demo | runs/demo/pretrain [--output DIR] [--baseline eval_summary.json]
 
 This module only turns argv into configs: the subcommands, their flags and recipes come from
 kiln.stages, and what happens next (validation, dry run, run here or submit) is kiln.launch's.
@@ -85,11 +86,40 @@ def cmd_pipeline(args) -> int:
         raise ConfigError(f"pipeline recipe {args.recipe!r} is unknown; choose one of {', '.join(RECIPES)}")
     stage_overrides, launch_overrides = _split_overrides(args.overrides)
     pipeline = pl.with_overrides(RECIPES[args.recipe](), stage_overrides)
+    if args.watch and args.action != "status":
+        raise ConfigError("--watch goes with `kiln pipeline status`: run the pipeline in one terminal and "
+                          f"`kiln pipeline status {args.recipe} --watch` in another")
     if args.action == "status":
+        if args.watch:
+            return pl.watch(pipeline, args.interval)
         print(pl.status_table(pipeline))
         return 0
     return driver.launch_pipeline(pipeline, launch_config(args, launch_overrides), dryrun=args.dryrun,
                                   detach=args.detach)
+
+
+def cmd_report(args) -> int:
+    """A recipe name reports that pipeline's stages (overrides apply, as for `kiln pipeline`); an
+    existing path reports that stage's directory, or the pipeline whose root it is."""
+    from pathlib import Path
+
+    from kiln import pipeline as pl
+    from kiln import report
+    from kiln.recipes.pipeline import RECIPES
+
+    if Path(args.target).exists():
+        if args.overrides:
+            raise ConfigError(f"overrides ({' '.join(args.overrides)}) apply to a pipeline recipe, not to the "
+                              f"directory {args.target}: leave them out")
+        path = report.report_path(args.target, args.output, args.baseline)
+    elif args.target in RECIPES:
+        pipeline = pl.with_overrides(RECIPES[args.target](), args.overrides)
+        path = report.report_pipeline(pipeline, args.output, args.partial, args.baseline)
+    else:
+        raise ConfigError(f"{args.target!r} is neither a directory nor a pipeline recipe: give a stage's or a "
+                          f"pipeline's directory (e.g. runs/demo), or one of {', '.join(RECIPES)}")
+    print(f"report: {path}")
+    return 0
 
 
 def _dest(flag) -> str:
@@ -147,8 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["run", "status"])
     p.add_argument("recipe", nargs="?", default="tiny")
     add_launch_args(p)
+    p.add_argument("--watch", action="store_true", help="status: refresh until every stage is done (Ctrl-C stops)")
+    p.add_argument("--interval", type=float, default=2.0, help="--watch: seconds between refreshes")
     p.add_argument("overrides", nargs="*", help="stage.field=value, e.g. pretrain.train.steps=100")
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("report", help="an HTML page (and PNG figures) of a run, a stage or a pipeline")
+    p.add_argument("target", help="a pipeline recipe (tiny), a pipeline's root (runs/demo) or a stage's directory")
+    p.add_argument("--output", help="where to write index.html and the figures (default: <pipeline root>/report, "
+                                    "or <dir>-report beside a stage's directory)")
+    p.add_argument("--baseline", help="an earlier eval_summary.json to compare the eval scores with")
+    p.add_argument("--partial", action="store_true", help="a recipe: report the stages that ran, list the others")
+    p.add_argument("overrides", nargs="*", help="a recipe's stage.field=value overrides, as for `kiln pipeline`")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -12,6 +12,7 @@ Launching is kiln.launch's (`kiln.launch.driver.launch_pipeline`).
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,23 +89,25 @@ def _comparable(config: dict) -> dict:
     return config
 
 
-def freshness(name: str, cfg) -> str:
+def freshness(name: str, cfg, digests: bool = True) -> str:
+    """fresh, missing, config changed, or input changed; without `digests` the inputs are not hashed
+    again (a status that refreshes every few seconds cannot re-read every corpus and checkpoint)."""
     manifest = read_manifest(STAGES[name].artifact_dir(cfg))
     if manifest is None:
         return "missing"
     if _comparable(manifest.get("request", manifest["config"])) != _comparable(overrides.to_dict(cfg)):
         return "config changed"
-    for record in manifest["inputs"]:
+    for record in manifest["inputs"] if digests else []:
         path = Path(record["path"])
         if not path.exists() or digest(path) != record["digest"]:
             return f"input changed: {path}"
     return "fresh"
 
 
-def plan(pipeline: PipelineConfig) -> list[StagePlan]:
+def plan(pipeline: PipelineConfig, digests: bool = True) -> list[StagePlan]:
     plans, upstream_runs = [], False
     for name, cfg in resolve_links(pipeline).stages():
-        status = "upstream reruns" if upstream_runs else freshness(name, cfg)
+        status = "upstream reruns" if upstream_runs else freshness(name, cfg, digests)
         plans.append(StagePlan(name, cfg, Path(STAGES[name].artifact_dir(cfg)), status))
         upstream_runs = upstream_runs or status != "fresh"
     return plans
@@ -134,11 +137,55 @@ def summary_line(name: str, manifest_or_summary: dict | None) -> str:
     return ", ".join(f"{k} {v}" for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
-def status_table(pipeline: PipelineConfig) -> str:
+def in_progress(name: str, artifact: Path, cfg=None) -> str | None:
+    """What the files say about a stage without a manifest yet: a training run's last logged step,
+    or a data stage's half-written `<dir>.tmp-*`. Files only: a run that was killed reads the same."""
+    metrics = artifact / "metrics.jsonl"
+    if STAGES[name].artifact == "run_dir" and metrics.exists():
+        step = 0
+        for line in metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line being written
+                continue
+            if "loss" in record:
+                step = record["step"]
+        total = getattr(getattr(cfg, "train", None), "steps", None)
+        return f"in progress: step {step}" + (f"/{total}" if total else "")
+    if artifact.parent.is_dir() and any(artifact.parent.glob(f"{artifact.name}.tmp-*")):
+        return "in progress"
+    return None
+
+
+def status_table(pipeline: PipelineConfig, digests: bool = True) -> str:
     rows = [("stage", "state", "artifact", "summary")]
-    for p in plan(pipeline):
+    for p in plan(pipeline, digests):
         manifest = read_manifest(p.artifact)
-        state = "done" if p.status == "fresh" else ("stale: " + p.status if manifest else "not run")
+        state = "done" if p.status == "fresh" else ("stale: " + p.status if manifest else
+                                                    in_progress(p.name, p.artifact, p.cfg) or "not run")
         rows.append((p.name, state, str(p.artifact), summary_line(p.name, manifest)))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}" for r in rows)
+
+
+def watch(pipeline: PipelineConfig, interval: float = 2.0, console=None) -> int:
+    """`kiln pipeline status --watch`: redraw the status table every `interval` seconds until every
+    stage is done, or Ctrl-C. Inputs are compared by config only while watching (not re-hashed)."""
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    console = console or Console()
+    footer = f"\n(every {interval:g} s until every stage is done; Ctrl-C stops watching, not the pipeline)"
+    try:
+        with Live(console=console, auto_refresh=False) as live:
+            while True:
+                done = all(p.status == "fresh" for p in plan(pipeline, digests=False))
+                live.update(Text(status_table(pipeline, digests=False) + ("" if done else footer)), refresh=True)
+                if done:
+                    return 0
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0

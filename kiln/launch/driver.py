@@ -192,6 +192,8 @@ def launch_pipeline(pipeline: PipelineConfig, launch: LaunchConfig, dryrun: bool
         tasks.append(submit.Task(p.name, cfg, world, after=[previous] if previous else []))
         previous = p.name
     if not tasks:
+        if not dryrun:
+            _write_report(pipeline, echo)
         echo("every stage is fresh: nothing to run")
         return 0
     title = f"kiln-pipeline-{pipeline.name}"
@@ -216,7 +218,21 @@ def launch_pipeline(pipeline: PipelineConfig, launch: LaunchConfig, dryrun: bool
                 ok = False
                 break
     echo(status_table(pipeline))
+    if not (launch.executor == "slurm" and detach):
+        _write_report(pipeline, echo)
     return 0 if ok else 1
+
+
+def _write_report(pipeline: PipelineConfig, echo) -> None:
+    """The pipeline's report page, also after a failed stage (the stages after it listed as not run);
+    a report that cannot be written is said, and does not change the pipeline's exit code."""
+    from kiln.errors import KilnError
+    from kiln.report import report_pipeline
+
+    try:
+        echo(f"report: {report_pipeline(pipeline, partial=True)}")
+    except KilnError as exc:
+        echo(f"report not written: {exc}")
 
 
 def launch_aligner(stage: Stage, cfg, launch: LaunchConfig, nemo: str, dryrun: bool, echo=print) -> int:
