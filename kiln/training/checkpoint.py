@@ -71,17 +71,23 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _rng_sharded(state: dict | None):
-    """Per-(PP, TP) rank RNG states; DP ranks draw identical numbers, so they are replicas."""
+    """Per-rank RNG states, one per (PP, TP) rank, and per EP rank with expert parallelism (each EP
+    rank seeds its own expert stream); ranks that differ only by data parallelism draw identical
+    numbers, so they are replicas of one another."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    return ShardedObject(
-        "kiln_rng_state",
-        state,
-        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
-        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
-        replica_id=ps.get_data_parallel_rank(),
-    )
+    shape = [ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()]
+    coords = [ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()]
+    replica = ps.get_data_parallel_rank()
+    if ps.get_expert_model_parallel_world_size() > 1:
+        shape.append(ps.get_expert_model_parallel_world_size())
+        coords.append(ps.get_expert_model_parallel_rank())
+        # the replicas of a coordinate: numbered by global rank among the ranks that share it
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, coords)
+        replica = everyone[:torch.distributed.get_rank()].count(coords)
+    return ShardedObject("kiln_rng_state", state, tuple(shape), tuple(coords), replica_id=replica)
 
 
 def _layout() -> dict:
@@ -91,11 +97,31 @@ def _layout() -> dict:
         "tp": ps.get_tensor_model_parallel_world_size(),
         "pp": ps.get_pipeline_model_parallel_world_size(),
         "dp": ps.get_data_parallel_world_size(),
+        "ep": ps.get_expert_model_parallel_world_size(),
+        "etp": ps.get_expert_tensor_parallel_world_size(),
     }
 
 
 def _same_model_parallel(a: dict | None, b: dict) -> bool:
-    return a is not None and (a["tp"], a["pp"]) == (b["tp"], b["pp"])
+    """Same TP, PP and expert split (checkpoints from before EP record none: EP 1, expert TP = TP)."""
+    def split(layout: dict) -> tuple:
+        return layout["tp"], layout["pp"], layout.get("ep", 1), layout.get("etp", layout["tp"])
+
+    return a is not None and split(a) == split(b)
+
+
+def _check_expert_optimizer(path: Path, saved: dict | None, now: dict) -> None:
+    """megatron-core gives expert parameters an optimizer of their own only when EP > 1 (at EP 1
+    they are ordinary data-parallel parameters), so optimizer state written on one side of that
+    line has another structure than the other side's and cannot be resumed there."""
+    ep = (saved or {}).get("ep", 1)
+    if (ep > 1) != (now["ep"] > 1):
+        raise CheckpointError(
+            f"{path} holds optimizer state saved at EP={ep}, which cannot resume at EP={now['ep']}: megatron-core "
+            f"keeps expert parameters in an optimizer of their own only when EP > 1. Resume with "
+            f"{'parallel.ep > 1' if ep > 1 else 'parallel.ep=1'}, or start a new run at this EP with "
+            f"checkpoint.load_weights={path} (the weights load into any EP)"
+        )
 
 
 def _is_distributed(optimizer) -> bool:
@@ -346,7 +372,7 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, fresh=None) -
     template = _model_state(chunks, fresh)
     full = optimizer is not None
     if full:
-        if "optimizer" not in _saved_keys(path):
+        if not any(k == "optimizer" or k.startswith("chained_") for k in _saved_keys(path)):
             raise CheckpointError(
                 f"{path} holds weights only (no optimizer state): use checkpoint.load_weights "
                 f"to start from it, not checkpoint.resume"
@@ -356,11 +382,14 @@ def load(path: str | Path, chunks, optimizer=None, scheduler=None, fresh=None) -
             template, is_loading=True, metadata=_optimizer_metadata()
         )
         saved = common.get("kiln", {})
-        same_layout = saved.get("layout") == _layout()
-        if saved.get("distributed_optimizer") and not _same_model_parallel(saved.get("layout"), _layout()):
+        now = _layout()
+        same_layout = _same_model_parallel(saved.get("layout"), now) and saved["layout"]["dp"] == now["dp"]
+        _check_expert_optimizer(path, saved.get("layout"), now)
+        if saved.get("distributed_optimizer") and not _same_model_parallel(saved.get("layout"), now):
+            old = saved["layout"]
             raise CheckpointError(
-                f"{path} holds distributed-optimizer state for TP={saved['layout']['tp']} "
-                f"PP={saved['layout']['pp']}, which reshards over DP only: resume with that TP/PP, "
+                f"{path} holds distributed-optimizer state for TP={old['tp']} PP={old['pp']} "
+                f"EP={old.get('ep', 1)}, which reshards over DP only: resume with that TP/PP/EP, "
                 f"or start a new run in this layout with checkpoint.load_weights={path}"
             )
         if same_layout:
@@ -435,6 +464,9 @@ def _check_vocab_rows(path: Path, chunks) -> None:
 
 
 def _saved_keys(path: Path) -> set[str]:
+    """The top-level names of a checkpoint's tensors: the model's, and the optimizer's under
+    `optimizer`, or `chained_<i>` when megatron-core chains several (an MoE model: dense and
+    expert parameters each have their own)."""
     from megatron.core import dist_checkpointing
 
     top = {key.split(".")[0] for key in dist_checkpointing.load_tensors_metadata(str(path))}
