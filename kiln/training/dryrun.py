@@ -14,9 +14,14 @@ from kiln.training.model import resolve_precision
 def layout(cfg: PretrainConfig, world_size: int) -> dict:
     p, t = cfg.parallel, cfg.train
     microbatches = cfg.num_microbatches(world_size)
+    experts = {}
+    if cfg.model.moe is not None:  # the expert layers' own split of each stage's ranks
+        etp = p.etp or p.tp
+        experts = {"ep": p.ep, "expert_tp": etp, "expert_dp": world_size // (p.pp * p.ep * etp),
+                   "experts_per_ep_rank": cfg.model.moe.num_experts // p.ep, "moe_dispatcher": p.moe_dispatcher}
     return {
         "world_size": world_size,
-        "tp": p.tp, "pp": p.pp, "vpp": p.vpp, "dp": p.dp(world_size),
+        "tp": p.tp, "pp": p.pp, "vpp": p.vpp, "dp": p.dp(world_size), **experts,
         "sequence_parallel": p.sequence_parallel,
         "layers_per_pipeline_stage": cfg.model.num_layers // p.pp,
         "microbatches_per_step": microbatches,
@@ -40,6 +45,9 @@ def describe(cfg: PretrainConfig, world_size: int) -> str:
     lines += ["", "# memory per rank (estimate, busiest pipeline stage)",
               f"parameters: {mem['parameters_total'] / 1e9:.3f} B total, "
               f"{mem['parameters_per_rank'] / 1e9:.3f} B on this rank"]
+    if cfg.model.moe is not None:
+        lines.append(f"experts: {mem['parameters_active'] / 1e9:.3f} B active per token; "
+                     f"{mem['expert_parameters_per_rank'] / 1e9:.3f} B of this rank's are expert weights")
     for key in ("weights", "gradients", "optimizer", "activations", "total"):
         lines.append(f"{key + ':':<13}{mem[key + '_gib']:9.2f} GiB")
     lines.append("nothing was started (--dryrun)")

@@ -101,3 +101,27 @@ def test_megatron_core_accepts_every_valid_layout_config():
     assert (tc.num_moe_experts, tc.moe_router_topk, tc.moe_ffn_hidden_size) == (4, 2, 384)
     assert tc.moe_layer_freq == [1, 0, 1, 1] and tc.expert_model_parallel_size == 2
     assert tc.moe_router_pre_softmax is False and tc.moe_grouped_gemm is False
+
+
+def test_memory_estimate_splits_experts_over_ep():
+    """Mixtral 8x7B's published sizes (46.7B, 12.9B active); each EP rank holds its share of the experts,
+    and the distributed optimizer shards expert state over expert DP, dense state over DP."""
+    from kiln.config import MoEConfig
+    from kiln.recipes.models import llama
+    from kiln.training import memory
+
+    cfg = tiny()
+    cfg.model = llama(32, 4096, 32, 8, 14336, vocab_size=32000, max_position_embeddings=32768,
+                      make_vocab_size_divisible_by=128, moe=MoEConfig(num_experts=8, topk=2))
+    overrides.apply(cfg, {"parallel.tp": 1, "parallel.pp": 4, "parallel.ep": 8, "optimizer.distributed": True,
+                          "train.seq_length": 4096, "train.micro_batch_size": 1, "train.global_batch_size": 512})
+    e8 = memory.estimate(cfg, 64, "bf16", flash_attention=True)
+    assert round(e8["parameters_total"] / 1e9, 1) == 46.7 and round(e8["parameters_active"] / 1e9, 1) == 12.9
+    expert = 3 * 4096 * 14336  # one SwiGLU expert
+    assert e8["expert_parameters_per_rank"] == 8 * 8 * expert // 8  # 8 layers per stage, 8 experts over EP=8
+    cfg.parallel.ep = 4
+    e4 = memory.estimate(cfg, 64, "bf16", flash_attention=True)
+    assert e4["expert_parameters_per_rank"] == 2 * e8["expert_parameters_per_rank"]
+    assert e4["weights_gib"] > e8["weights_gib"] and e4["gradients_gib"] > e8["gradients_gib"]
+    # half the EP doubles expert DP: the distributed optimizer's expert state per rank stays the same
+    assert e4["optimizer_gib"] == pytest.approx(e8["optimizer_gib"])
