@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kiln.config import ModelConfig
+from kiln.config import ModelConfig, MoEConfig
 
 
 def gpt2(num_layers: int, hidden_size: int, heads: int, **overrides) -> ModelConfig:
@@ -46,3 +46,34 @@ def tiny_llama() -> ModelConfig:
     and 4, and its checkpoints move between those layouts."""
     return llama(4, 128, 4, 2, 384, rotary_base=10_000, max_position_embeddings=256, init_method_std=0.02,
                  make_vocab_size_divisible_by=256)
+
+
+def mixtral(num_layers: int, hidden_size: int, heads: int, kv_heads: int, ffn: int, experts: int, topk: int,
+            **overrides) -> ModelConfig:
+    """Mixtral: a Llama whose every MLP is `experts` SwiGLU experts, `topk` per token, softmax router
+    with the top-k weights renormalised, a load-balancing auxiliary loss."""
+    moe = MoEConfig(num_experts=experts, topk=topk, score_function="softmax", normalize_topk=True,
+                    load_balancing="aux_loss", aux_loss_coeff=0.02)
+    return llama(num_layers, hidden_size, heads, kv_heads, ffn, moe=moe, rotary_base=1_000_000, **overrides)
+
+
+def mixtral_8x7b() -> ModelConfig:
+    """46.7B parameters, 12.9B active per token (mistralai/Mixtral-8x7B-v0.1's config.json)."""
+    return mixtral(32, 4096, 32, 8, 14336, experts=8, topk=2, vocab_size=32000, max_position_embeddings=32768)
+
+
+def qwen3_30b_a3b() -> ModelConfig:
+    """Qwen3-30B-A3B: 48 layers of 128 experts (768 wide), 8 per token, 3.3B active of 30.5B;
+    128-dim heads wider than hidden/heads, RMSNorm on queries and keys (Qwen/Qwen3-30B-A3B's config.json)."""
+    moe = MoEConfig(num_experts=128, topk=8, ffn_hidden_size=768, score_function="softmax", normalize_topk=True,
+                    load_balancing="aux_loss", aux_loss_coeff=0.001)
+    return llama(48, 2048, 32, 4, 6144, moe=moe, kv_channels=128, qk_layernorm=True, norm_epsilon=1e-6,
+                 rotary_base=1_000_000, vocab_size=151936, max_position_embeddings=40960)
+
+
+def tiny_moe() -> ModelConfig:
+    """The tiny Llama with 4 SwiGLU experts of half its MLP width, 2 per token: the same active MLP
+    width as `tiny_llama`, so the two compare step for step."""
+    model = tiny_llama()
+    model.moe = MoEConfig(num_experts=4, topk=2, ffn_hidden_size=192, aux_loss_coeff=0.01)
+    return model

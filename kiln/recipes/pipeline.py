@@ -33,11 +33,11 @@ TRAINING_CHAIN = {
 
 
 def _chain(name: str, root: str, model, tuned: list, export_tp: int, suites: list, **front) -> PipelineConfig:
-    """The stages after the data: `model` pretrains, `tuned` (SFT, DPO, RM, RLHF) post-train, then
+    """The stages after the data: `model` pretrains, `tuned` (SFT, DPO, RM, RLHF; None skips one) post-train, then
     HF and a TensorRT-LLM checkpoint (fp32, checked), and lm-eval `suites` on the HF export; every
     run directory under `root`."""
     model.run_dir = f"{root}/pretrain"
-    for cfg in tuned:
+    for cfg in filter(None, tuned):
         cfg.run_dir = f"{root}/{cfg.run_dir.rsplit('/', 1)[-1]}"
     sft, dpo, rm, rlhf = tuned
     return PipelineConfig(
@@ -74,4 +74,15 @@ def smoke(root: str = "runs/smoke") -> PipelineConfig:
     return _chain("smoke", root, pretrain.smoke(), tuned, export_tp=1, suites=["demo"], prepare=prepare)
 
 
-RECIPES = {"tiny": tiny, "smoke": smoke}
+def tiny_moe(root: str = "runs/demo_moe") -> PipelineConfig:
+    """The demo corpus -> tokenized -> the tiny mixture of experts pretrained with EP=2 -> SFT -> DPO
+    -> a Hugging Face Mixtral directory -> a TensorRT-LLM checkpoint (TP=2 with the experts split
+    by EP=2) -> the demo tasks; CPU, minutes."""
+    prepare = PrepareConfig(inputs=["data/demo/corpus.jsonl"], output_dir=f"{root}/data", vocab_size=2048)
+    pipeline = _chain("tiny_moe", root, pretrain.tiny_moe(), [posttrain.sft_moe_tiny(), posttrain.dpo_moe_tiny(),
+                      None, None], export_tp=2, suites=["demo"], prepare=prepare)
+    pipeline.export.ep = 2
+    return pipeline
+
+
+RECIPES = {"tiny": tiny, "smoke": smoke, "tiny_moe": tiny_moe}

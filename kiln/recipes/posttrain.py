@@ -106,7 +106,29 @@ def rlhf_smoke() -> RLHFConfig:
     return _smoke(rlhf_tiny(), steps=3)
 
 
-SFT = {"tiny": sft_tiny, "tiny_lora": sft_lora_tiny, "smoke": sft_smoke}
-DPO = {"tiny": dpo_tiny, "smoke": dpo_smoke}
+MOE = "runs/demo_moe"  # the tiny_moe pipeline's root
+
+
+def _on_moe(cfg):
+    """A tiny recipe moved onto the tiny mixture of experts: its data and weights come from the
+    tiny_moe pipeline; one process holds every expert (EP=1; the pretraining's EP=2 checkpoint
+    reshards on load)."""
+    cfg.run_dir = cfg.run_dir.replace(DEMO, MOE)
+    cfg.model = models.tiny_moe()
+    cfg.data.tokenizer = cfg.data.tokenizer.replace(DEMO, MOE)
+    cfg.checkpoint.load_weights = cfg.checkpoint.load_weights.replace(DEMO, MOE)
+    return cfg
+
+
+def sft_moe_tiny() -> SFTConfig:
+    return _on_moe(sft_tiny())
+
+
+def dpo_moe_tiny() -> DPOConfig:
+    return _on_moe(dpo_tiny())
+
+
+SFT = {"tiny": sft_tiny, "tiny_lora": sft_lora_tiny, "smoke": sft_smoke, "tiny_moe": sft_moe_tiny}
+DPO = {"tiny": dpo_tiny, "smoke": dpo_smoke, "tiny_moe": dpo_moe_tiny}
 RM = {"tiny": rm_tiny, "smoke": rm_smoke}
 RLHF = {"tiny": rlhf_tiny, "smoke": rlhf_smoke}

@@ -107,4 +107,50 @@ def llama3_70b() -> PretrainConfig:
     )
 
 
-RECIPES = {f.__name__: f for f in (tiny, smoke, gpt2_124m, llama3_8b, llama3_70b)}
+def tiny_moe() -> PretrainConfig:
+    """CPU run of a mixture of experts: `tiny` with 4 experts per layer, top-2, split over 2
+    processes by expert parallelism (EP=2, DP=2 for the rest), tokens sent by all-to-all."""
+    cfg = tiny()
+    cfg.run_dir = "runs/tiny_moe"
+    cfg.model = models.tiny_moe()
+    cfg.parallel = ParallelConfig(tp=1, pp=1, ep=2, moe_dispatcher="alltoall", world_size=2)
+    return cfg
+
+
+def mixtral_8x7b() -> PretrainConfig:
+    """Mixtral 8x7B on 64 H100 (8 nodes): EP=8 puts one expert of each layer per GPU, PP=4 splits
+    the 32 layers across nodes, TP=1 (attention is small beside the experts), the distributed
+    optimizer shards Adam over the 8 data-parallel ranks of the dense part."""
+    return PretrainConfig(
+        run_dir="runs/mixtral_8x7b",
+        model=models.mixtral_8x7b(),
+        parallel=ParallelConfig(tp=1, pp=4, ep=8, moe_dispatcher="alltoall", world_size=64),
+        train=TrainConfig(steps=100_000, micro_batch_size=1, global_batch_size=512,
+                          seq_length=4096, eval_interval=2000, eval_steps=10, precision="bf16"),
+        optimizer=OptimizerConfig(name="adamw", lr=1e-4, min_lr=1e-5, weight_decay=0.1,
+                                  beta2=0.95, clip_grad=1.0, distributed=True),
+        schedule=ScheduleConfig(style="cosine", warmup_steps=2000),
+        data=DataConfig(blend=["data/mixtral/corpus_text_document"], tokenizer="data/mixtral/tokenizer"),
+        checkpoint=CheckpointConfig(save_interval=500, keep_last=2),
+    )
+
+
+def qwen3_30b_a3b() -> PretrainConfig:
+    """Qwen3-30B-A3B on 16 H100 (2 nodes): EP=8 (16 of the 128 experts per GPU), PP=2 (24 layers
+    per stage), TP=1; the experts' Adam state is sharded over their 2 expert-data-parallel ranks."""
+    return PretrainConfig(
+        run_dir="runs/qwen3_30b_a3b",
+        model=models.qwen3_30b_a3b(),
+        parallel=ParallelConfig(tp=1, pp=2, ep=8, moe_dispatcher="alltoall", world_size=16),
+        train=TrainConfig(steps=100_000, micro_batch_size=1, global_batch_size=512,
+                          seq_length=4096, eval_interval=2000, eval_steps=10, precision="bf16"),
+        optimizer=OptimizerConfig(name="adamw", lr=3e-4, min_lr=3e-5, weight_decay=0.1,
+                                  beta2=0.95, clip_grad=1.0, distributed=True),
+        schedule=ScheduleConfig(style="cosine", warmup_steps=2000),
+        data=DataConfig(blend=["data/qwen3/corpus_text_document"], tokenizer="data/qwen3/tokenizer"),
+        checkpoint=CheckpointConfig(save_interval=500, keep_last=2),
+    )
+
+
+RECIPES = {f.__name__: f for f in (tiny, smoke, tiny_moe, gpt2_124m, llama3_8b, llama3_70b, mixtral_8x7b,
+                                   qwen3_30b_a3b)}
