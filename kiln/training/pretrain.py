@@ -79,7 +79,7 @@ def run_ranks(cfg, body) -> dict:
     finally:
         destroy_model_parallel()
     if penv.rank == 0 and "steps" in summary:  # the body wrote kiln.json: its lineage goes to the trackers
-        trackers.log_manifest(cfg.run_dir)
+        trackers.log_manifest(cfg)
     return summary
 
 

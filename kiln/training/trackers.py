@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -70,7 +71,8 @@ def flatten(record: dict, prefix: str = "") -> dict[str, float]:
 
 
 class WandbRun:
-    def __init__(self, cfg: WandbConfig, run_dir: str, run_id: str, resume: bool, config: dict | None):
+    def __init__(self, cfg: WandbConfig, run_dir: str, run_id: str, resume: bool, config: dict | None,
+                 announce: bool = True):
         import wandb
 
         self.directory = Path(cfg.dir or run_dir).resolve()
@@ -79,8 +81,8 @@ class WandbRun:
             project=cfg.project, entity=cfg.entity, name=cfg.name or Path(run_dir).resolve().name,
             tags=list(cfg.tags) or None, id=run_id, resume="allow" if resume else "never", mode=wandb_mode(cfg),
             dir=str(self.directory), config=None if resume else config,
-            # stdout stays kiln's: no console capture
-            settings=wandb.Settings(console="off", quiet=True))
+            # stdout stays kiln's: no console capture; where the run's files are is said once, not on reopens
+            settings=wandb.Settings(console="off", quiet=True, silent=not announce))
         if resume and config is not None:
             self.run.config.update(config, allow_val_change=True)
         # kiln's step is the x axis; wandb's own counter would drop a step logged twice (a resume
@@ -96,7 +98,11 @@ class WandbRun:
 
     def attach(self, path: Path, extra: dict) -> None:
         self.run.config.update(extra, allow_val_change=True)
-        self.run.save(str(path), base_path=str(path.parent), policy="now")
+        # a copy in the run's own files: wandb.save links a file from elsewhere, and kiln.json changes
+        # when the run is resumed
+        copy = Path(self.run.dir) / path.name
+        shutil.copyfile(path, copy)
+        self.run.save(str(copy), base_path=self.run.dir, policy="now")
 
     def close(self) -> None:
         self.run.finish()
@@ -217,7 +223,7 @@ def reopen(run_dir: str | Path) -> list:
     if "wandb" in state and _installed("wandb"):
         w = state["wandb"]
         cfg = WandbConfig(project=w["project"], entity=w["entity"], mode=w["mode"], dir=w["dir"])
-        runs.append(WandbRun(cfg, str(run_dir), w["id"], True, None))
+        runs.append(WandbRun(cfg, str(run_dir), w["id"], True, None, announce=False))
     if "mlflow" in state and _installed("mlflow"):
         m = state["mlflow"]
         runs.append(MLflowRun(MLflowConfig(tracking_uri=m["tracking_uri"]), str(run_dir), m["run_id"], None))
@@ -228,11 +234,12 @@ def reopen(run_dir: str | Path) -> list:
     return runs
 
 
-def log_manifest(run_dir: str | Path) -> None:
+def log_manifest(cfg) -> None:
     """The run's kiln.json (its lineage: stage, kiln version, inputs with digests) and summary,
-    into the tracker runs recorded in `run_dir`."""
+    into the tracker runs this run logged to."""
+    run_dir = cfg.run_dir
     path = Path(run_dir) / MANIFEST
-    if not (Path(run_dir) / STATE).exists() or not path.exists():
+    if (cfg.logging.wandb is None and cfg.logging.mlflow is None) or not path.exists():
         return
     manifest = json.loads(path.read_text())
     lineage = {"stage": manifest["stage"], "kiln_version": manifest["kiln_version"],

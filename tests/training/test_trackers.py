@@ -43,7 +43,8 @@ def runs(demo_data, tmp_path_factory) -> Path:
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WANDB_API_KEY", SECRET)  # as launch.secrets brings it into a Slurm or Docker task
-        launch(2, [full, split(train__stop_after_steps="3"), split(checkpoint__resume="true")])
+        out = launch(2, [full, split(train__stop_after_steps="3"), split(checkpoint__resume="true")])
+    (root / "launch.out").write_text(out)  # what the ranks printed: searched for the key too
     return root
 
 
@@ -165,8 +166,9 @@ def test_resumed_run_continues_the_same_tracker_runs(runs):
 @pytest.mark.slow
 def test_no_secret_in_any_file(runs):
     root = runs
-    files = [p for p in root.rglob("*") if p.is_file()]
+    files = [p for p in root.rglob("*") if p.is_file()]  # wandb's links to its core log included
     assert any(p.suffix == ".wandb" for p in files) and any(p.name == "mlflow.db" for p in files)
+    assert "loss" in (root / "launch.out").read_text()
     leaked = [str(p) for p in files if SECRET.encode() in p.read_bytes()]
     assert leaked == []
 
