@@ -142,7 +142,8 @@ class MLflowRun:
         if config is not None:
             from mlflow.entities import Param
 
-            params = [Param(k, json.dumps(v) if not isinstance(v, str) else v)
+            # MLflow refuses a param longer than 6000 characters (a long blend): config.json has it whole
+            params = [Param(k, (json.dumps(v) if not isinstance(v, str) else v)[:6000])
                       for k, v in _dotted(config).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
                 self.client.log_batch(self.run_id, params=params[i:i + 100])

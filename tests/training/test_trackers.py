@@ -222,3 +222,19 @@ def test_online_wandb_without_a_key_fails_validation(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="logging.wandb.mode=online but WANDB_API_KEY is not set"):
         validate(cfg, 1)
     assert os.environ.get("WANDB_API_KEY") is None
+
+
+def test_a_long_config_value_fits_mlflow(tmp_path):
+    """A param over MLflow's 6000 characters (a long blend) would refuse the run: it is cut there,
+    and config.json keeps it whole."""
+    from mlflow.tracking import MlflowClient
+
+    from kiln.config import MLflowConfig
+
+    blend = [f"/data/source_{i}_text_document" for i in range(300)]
+    run = trackers.MLflowRun(MLflowConfig(), str(tmp_path), None, {"data": {"blend": blend}})
+    run.close()
+    client = MlflowClient(run.uri)
+    assert len(client.get_run(run.run_id).data.params["data.blend"]) == 6000
+    whole = client.download_artifacts(run.run_id, "config.json", str(tmp_path / "back"))
+    assert json.loads(Path(whole).read_text())["data"]["blend"] == blend
