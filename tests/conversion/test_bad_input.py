@@ -42,7 +42,7 @@ def test_unknown_architecture(llama, tmp_path):
     src = copy(llama, tmp_path / "src")
     edit_config(src, model_type="bert")
     with pytest.raises(ConfigError, match=r"model_type 'bert' is not a family kiln converts; supported: gpt2, "
-                                          r"llama, mistral, qwen2"):
+                                          r"llama, mistral, mixtral, qwen2, qwen2_moe, qwen3_moe"):
         convert(ConvertConfig(source=str(src), output=str(tmp_path / "out"), to="megatron"))
     assert_nothing_written(tmp_path, tmp_path / "out")
 
