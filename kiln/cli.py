@@ -107,7 +107,7 @@ def cmd_report(args) -> int:
     from kiln import report
     from kiln.recipes.pipeline import RECIPES
 
-    if Path(args.target).exists():
+    if Path(args.target).exists() or "/" in args.target:  # a path: one that is missing is said so
         if args.overrides:
             raise ConfigError(f"overrides ({' '.join(args.overrides)}) apply to a pipeline recipe, not to the "
                               f"directory {args.target}: leave them out")

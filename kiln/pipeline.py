@@ -169,8 +169,10 @@ def status_table(pipeline: PipelineConfig, digests: bool = True) -> str:
 
 
 def watch(pipeline: PipelineConfig, interval: float = 2.0, console=None) -> int:
-    """`kiln pipeline status --watch`: redraw the status table every `interval` seconds until every
-    stage is done, or Ctrl-C. Inputs are compared by config only while watching (not re-hashed)."""
+    """`kiln pipeline status --watch`: the status table, redrawn every `interval` seconds until every
+    stage is done, or Ctrl-C (which stops the watching, not the pipeline). On a terminal the table
+    is redrawn in place; into a log or a pipe each new state is printed once. Inputs are compared by
+    config only while watching (not re-hashed)."""
     import time
 
     from rich.console import Console
@@ -178,14 +180,27 @@ def watch(pipeline: PipelineConfig, interval: float = 2.0, console=None) -> int:
     from rich.text import Text
 
     console = console or Console()
+
+    def frames():
+        while True:
+            done = all(p.status == "fresh" for p in plan(pipeline, digests=False))
+            yield done, status_table(pipeline, digests=False)
+            if done:
+                return
+            time.sleep(interval)
+
     footer = f"\n(every {interval:g} s until every stage is done; Ctrl-C stops watching, not the pipeline)"
     try:
-        with Live(console=console, auto_refresh=False) as live:
-            while True:
-                done = all(p.status == "fresh" for p in plan(pipeline, digests=False))
-                live.update(Text(status_table(pipeline, digests=False) + ("" if done else footer)), refresh=True)
-                if done:
-                    return 0
-                time.sleep(interval)
+        if console.is_terminal:
+            with Live(console=console, auto_refresh=False) as live:
+                for done, table in frames():
+                    live.update(Text(table + ("" if done else footer)), refresh=True)
+        else:
+            shown = None
+            for _, table in frames():
+                if table != shown:
+                    console.print(Text(table))
+                    shown = table
     except KeyboardInterrupt:
-        return 0
+        pass
+    return 0

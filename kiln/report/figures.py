@@ -134,8 +134,9 @@ def cluster_sizes(report: dict) -> Figure | None:
     sizes = {int(k): v for k, v in fuzzy.get("cluster_sizes", {}).items()}
     fig, (ax,) = _new()
     if sizes:
-        ax.bar(list(sizes), list(sizes.values()), color="#8172b2", width=0.8)
+        ax.bar(list(sizes), list(sizes.values()), color="#8172b2", width=0.6)
         ax.set_xticks(sorted(sizes))
+        ax.set_xlim(1, max(sizes) + 1)  # a lone size stays a bar, not the whole width
     else:
         ax.text(0.5, 0.5, "no near-duplicate clusters found", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("documents per cluster")
