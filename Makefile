@@ -33,9 +33,11 @@ $(NEMO_VENV)/.installed: $(NEMO_PINS)
 	$(NEMO_VENV)/bin/pip install -q --no-deps -r $(NEMO_PINS) && \
 	touch $@ && echo "nemo-env: NeMo 2.7.3 installed in $$(( $$(date +%s) - start )) s"
 
+# ends by printing where the pipeline's report page is (runs/demo/report/index.html: opens offline)
 demo: setup
 	$(KILN) pipeline run tiny
 	$(KILN) pipeline status tiny
+	$(KILN) report tiny
 
 lint: setup
 	$(VENV)/bin/ruff check kiln tests benchmarks tools
