@@ -25,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from kiln.artifact import MANIFEST, atomic_write_text
+from kiln.artifact import CHECKPOINTS, MANIFEST, atomic_write_text
 from kiln.config import LoggingConfig, MLflowConfig, WandbConfig
 from kiln.validation import Problems
 
@@ -247,10 +247,27 @@ def log_manifest(cfg) -> None:
                "inputs": {Path(i["path"]).name: i for i in manifest["inputs"]},
                "started": manifest["started"], "ended": manifest["ended"]}
     summary = flatten({k: v for k, v in manifest["summary"].items() if k != "checkpoint"}, "summary/")
-    for run in reopen(run_dir):
+
+    def post(run):
+        run.attach(path, {"lineage": lineage})
+        run.summary(manifest["summary"].get("steps") or 0, summary)
+
+    _post(run_dir, post, "the manifest")
+
+
+def _post(run_dir: str | Path, action, what: str) -> None:
+    """`action` on each recorded tracker run of `run_dir`, after the stage's artifact is complete: a
+    tracker that fails then (W&B unreachable) is reported, and the stage's result stands."""
+    try:
+        runs = reopen(run_dir)
+    except Exception as exc:  # any tracker error: the artifact is written already
+        print(f"warning: could not log {what} to the experiment trackers of {run_dir}: {exc}", flush=True)
+        return
+    for run in runs:
         try:
-            run.attach(path, {"lineage": lineage})
-            run.summary(manifest["summary"].get("steps") or 0, summary)
+            action(run)
+        except Exception as exc:
+            print(f"warning: could not log {what} to {type(run).__name__} of {run_dir}: {exc}", flush=True)
         finally:
             run.close()
 
@@ -263,9 +280,11 @@ def find_run(path: str | Path, depth: int = 8) -> Path | None:
     while todo and depth > 0:
         depth -= 1
         here = todo.pop(0)
-        for candidate in (here, here.parent, here.parent.parent):  # run, checkpoints/, iter_N/
-            if (candidate / STATE).is_file():
-                return candidate
+        # a run directory, its checkpoints/ or one checkpoint in it
+        owner = here.parent if here.name == CHECKPOINTS else here.parent.parent if here.parent.name == CHECKPOINTS \
+            else here
+        if (owner / STATE).is_file():
+            return owner
         if here in seen or not (here / MANIFEST).is_file():
             continue
         seen.add(here)
@@ -284,10 +303,10 @@ def log_eval(summary: dict, output_dir: str | Path) -> Path | None:
     values = flatten({task: {name: m["value"] for name, m in figures.items()}
                       for task, figures in summary["metrics"].items()}, "eval/")
     step = artifact.get("step") or 0
-    for run in reopen(run_dir):
-        try:
-            run.log(step, values)
-            run.attach(Path(output_dir) / "eval_summary.json", {"eval": {"output": str(Path(output_dir).resolve())}})
-        finally:
-            run.close()
+
+    def post(run):
+        run.log(step, values)
+        run.attach(Path(output_dir) / "eval_summary.json", {"eval": {"output": str(Path(output_dir).resolve())}})
+
+    _post(run_dir, post, "the eval results")
     return run_dir

@@ -238,3 +238,30 @@ def test_a_long_config_value_fits_mlflow(tmp_path):
     assert len(client.get_run(run.run_id).data.params["data.blend"]) == 6000
     whole = client.download_artifacts(run.run_id, "config.json", str(tmp_path / "back"))
     assert json.loads(Path(whole).read_text())["data"]["blend"] == blend
+
+
+def test_eval_finds_the_training_run_through_the_lineage(tmp_path):
+    """A checkpoint of a tracked run, and an export of a conversion of it (each kiln.json naming its
+    input), lead back to that run; a model with no tracked run leads nowhere."""
+    run = tmp_path / "pretrain"
+    checkpoint = run / "checkpoints" / "iter_0000006"
+    checkpoint.mkdir(parents=True)
+    (run / trackers.STATE).write_text("{}")
+    for name, source in (("hf", checkpoint), ("trtllm", tmp_path / "hf")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "kiln.json").write_text(json.dumps({"inputs": [{"path": str(source), "digest": "x"}]}))
+    assert trackers.find_run(checkpoint) == run and trackers.find_run(run / "checkpoints") == run
+    assert trackers.find_run(tmp_path / "trtllm") == run
+    (run / trackers.STATE).unlink()
+    assert trackers.find_run(tmp_path / "trtllm") is None
+
+
+def test_a_tracker_failing_after_the_stage_is_a_warning(tmp_path, capsys):
+    """Eval results are written before they are logged: an unreachable tracker then does not fail
+    the stage, it is reported."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / trackers.STATE).write_text(json.dumps({"mlflow": {"run_id": "r", "tracking_uri": "nosuchscheme://x"}}))
+    summary = {"artifact": {"path": str(run)}, "metrics": {"t": {"acc": {"value": 1.0}}}}
+    assert trackers.log_eval(summary, tmp_path) == run
+    assert f"warning: could not log the eval results to the experiment trackers of {run}" in capsys.readouterr().out
