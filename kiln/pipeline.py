@@ -82,10 +82,14 @@ class StagePlan:
 
 def _comparable(config: dict) -> dict:
     """A config as freshness compares it: without checkpoint.resume, which the launcher sets for
-    Slurm jobs (a policy of where it runs, not a change to what it computes)."""
+    Slurm jobs (a policy of where it runs, not a change to what it computes), nor the experiment
+    trackers (turning W&B on must not retrain a fresh stage; manifests from before they existed match)."""
     config = copy.deepcopy(config)
     if isinstance(config.get("checkpoint"), dict):
         config["checkpoint"].pop("resume", None)
+    if isinstance(config.get("logging"), dict):
+        for tracker in ("wandb", "mlflow"):
+            config["logging"].pop(tracker, None)
     return config
 
 

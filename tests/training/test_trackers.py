@@ -265,3 +265,19 @@ def test_a_tracker_failing_after_the_stage_is_a_warning(tmp_path, capsys):
     summary = {"artifact": {"path": str(run)}, "metrics": {"t": {"acc": {"value": 1.0}}}}
     assert trackers.log_eval(summary, tmp_path) == run
     assert f"warning: could not log the eval results to the experiment trackers of {run}" in capsys.readouterr().out
+
+
+def test_turning_a_tracker_on_keeps_a_pipeline_stage_fresh(tmp_path):
+    """A manifest written before the tracker sections existed, or with other trackers, still
+    matches: what a stage computes does not depend on where it is logged."""
+    from kiln.artifact import write_manifest
+    from kiln.pipeline import freshness
+
+    cfg = PretrainConfig(run_dir=str(tmp_path / "run"))
+    request = overrides.to_dict(cfg)
+    del request["logging"]["wandb"], request["logging"]["mlflow"]
+    write_manifest(cfg.run_dir, "pretrain", request, [], {"steps": 1}, 0.0)
+    overrides.apply(cfg, ["logging.wandb.project=elsewhere", "logging.mlflow={}"])
+    assert freshness("pretrain", cfg) == "fresh"
+    cfg.logging.log_interval = 7
+    assert freshness("pretrain", cfg) == "config changed"
