@@ -249,7 +249,7 @@ class WandbConfig:
     tags: list = field(default_factory=list)
     # auto: online when WANDB_API_KEY is set, else offline (upload later with `wandb sync <dir>`)
     mode: Literal["auto", "online", "offline"] = "auto"
-    dir: str | None = None  # where wandb writes its files; None: <run_dir>/wandb
+    dir: str | None = None  # wandb writes under <dir>/wandb/; None: the run directory
 
 
 @dataclass
