@@ -38,8 +38,9 @@ def _png(fig) -> bytes:
     return out.getvalue()
 
 
-def loss(stage: StageRecord) -> Figure | None:
-    """Training loss and validation loss, overall and per data source, of one training stage."""
+def loss(stage: StageRecord, label: str | None = None) -> Figure | None:
+    """Training loss and validation loss, overall and per data source, of one training stage
+    (`label`: the stage's name in the figure id, when two stages share a name)."""
     steps, values = series(stage.metrics, "loss")
     keys = validation_keys(stage.metrics)
     if not steps and not keys:
@@ -60,7 +61,7 @@ def loss(stage: StageRecord) -> Figure | None:
     sources = [k.split("/", 1)[1] for k in keys if "/" in k]
     caption = (f"{len(steps)} logged steps; validation every eval_interval steps"
                + (f", per source: {', '.join(sources)}" if sources else "") + f" ({stage.path}/metrics.jsonl)")
-    return Figure(f"loss-{stage.name}", f"{stage.name}: training and validation loss", caption, _png(fig))
+    return Figure(f"loss-{label or stage.name}", f"{stage.name}: training and validation loss", caption, _png(fig))
 
 
 def _per_stage(stages: list[StageRecord], key: str, fid: str, title: str, ylabel: str, caption: str,

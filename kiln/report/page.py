@@ -102,7 +102,9 @@ def build(subject: Subject, baseline: Path | None = None) -> tuple[str, list[fig
     """(the page's HTML, its figures)."""
     training = [s for s in subject.stages if s.metrics]
     sections: list[tuple[str, str, list[figures.Figure], str]] = []  # id, heading, figures, extra HTML
-    drawn = [figures.loss(s) for s in training] + [figures.learning_rate(training), figures.throughput(training)]
+    names = [s.name for s in training]  # a pipeline root may hold two runs of one stage: ids stay unique
+    drawn = [figures.loss(s, s.name if names.count(s.name) == 1 else f"{s.name}-{s.path.name}") for s in training]
+    drawn += [figures.learning_rate(training), figures.throughput(training)]
     sections.append(("training", "Training", [f for f in drawn if f], "" if training else
                      "<p class=note>no training stage in this report</p>"))
     curate = subject.first("curate")

@@ -186,6 +186,13 @@ def test_a_missing_stage(root, tmp_path):
     assert not (copy / "report").exists()
     index = report_pipeline(p, partial=True)  # then it is listed as not run
     assert '<td>pretrain</td><td><span class="stale">not run</span>' in index.read_text()
+    # a training run without its manifest yet (running, or stopped): its last step, and its curves so far
+    (copy / "pretrain").mkdir()
+    shutil.copy(root / "pretrain" / "metrics.jsonl", copy / "pretrain")
+    assert "pretrain  in progress: step 6/6" in pl.status_table(p)
+    index = report_pipeline(p, partial=True)
+    assert '<span class="progress">in progress: step 6/6</span>' in index.read_text()
+    assert "loss-pretrain" in images(index)
     refused(lambda: report_path(tmp_path / "nowhere"), f"{tmp_path}/nowhere does not exist: give a stage's directory")
 
 
