@@ -108,8 +108,10 @@ def _split_sizes(sizes):
 
 class _CpuDistributed(types.SimpleNamespace):
     """`torch.distributed` as megatron-core's redirected modules see it: the same, except for
-    the two forms gloo lacks: all_to_all_single's split sizes as tensors, and ReduceOp.AVG
-    (the MoE aux-loss tracker averages over DP), done as a sum divided by the group size."""
+    the forms gloo lacks, which the MoE token dispatchers use: all_to_all_single's split sizes as
+    tensors; ReduceOp.AVG (the aux-loss tracker averages over DP), done as a sum divided by the
+    group size; and all_gather / reduce_scatter of unequal pieces (the alltoall dispatcher under
+    expert TP), done on pieces padded to the largest / on the whole tensor."""
 
     def __getattr__(self, name):
         return getattr(torch.distributed, name)
@@ -127,7 +129,29 @@ def _cpu_distributed() -> _CpuDistributed:
         tensor.div_(torch.distributed.get_world_size(group))
         return None
 
-    return _CpuDistributed(all_to_all_single=all_to_all_single, all_reduce=all_reduce)
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        if len({t.shape for t in tensor_list}) == 1:
+            return torch.distributed.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in tensor_list)
+        padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        gathered = [torch.empty_like(padded) for _ in tensor_list]
+        torch.distributed.all_gather(gathered, padded, group=group)
+        for out, piece in zip(tensor_list, gathered, strict=True):
+            out.copy_(piece[: out.shape[0]])
+        return None
+
+    def reduce_scatter(output, input_list, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
+        whole = torch.cat([t.reshape(t.shape[0], -1) for t in input_list])
+        torch.distributed.all_reduce(whole, op=op, group=group)
+        rank = torch.distributed.get_group_rank(group, torch.distributed.get_rank()) if group else \
+            torch.distributed.get_rank()
+        start = sum(t.shape[0] for t in input_list[:rank])
+        output.copy_(whole[start:start + output.shape[0]].reshape(output.shape))
+        return None
+
+    return _CpuDistributed(all_to_all_single=all_to_all_single, all_reduce=all_reduce, all_gather=all_gather,
+                           reduce_scatter=reduce_scatter)
 
 
 def _with_cpu_device(fn):

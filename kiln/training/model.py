@@ -88,6 +88,12 @@ def moe_fields(model: ModelConfig, parallel: ParallelConfig) -> dict:
     if moe is None:
         return {}
     grouped = torch.cuda.is_available() and transformer_engine_available()
+    # Under per-token loss (calculate_per_token_loss) megatron-core scales each rank's aux and
+    # z-loss by the tokens that rank routes; with TP (sequence parallel) that is 1/TP of the tokens
+    # the LM loss is summed over on the rank, so their gradients come out TP times too small
+    # (measured: EP=2 x TP=2 left the single-process curve at step 1 unless compensated). The
+    # coefficients are raised by TP; logged values divide the coefficient out again.
+    scale = parallel.tp
     return dict(
         num_moe_experts=moe.num_experts,
         moe_router_topk=moe.topk,
@@ -97,8 +103,8 @@ def moe_fields(model: ModelConfig, parallel: ParallelConfig) -> dict:
         # it the softmax runs over the chosen k only, so their weights sum to 1
         moe_router_pre_softmax=not moe.normalize_topk,
         moe_router_load_balancing_type=moe.load_balancing,
-        moe_aux_loss_coeff=moe.aux_loss_coeff if moe.load_balancing != "none" else 0.0,
-        moe_z_loss_coeff=moe.z_loss_coeff,
+        moe_aux_loss_coeff=moe.aux_loss_coeff * scale if moe.load_balancing != "none" else 0.0,
+        moe_z_loss_coeff=moe.z_loss_coeff * scale if moe.z_loss_coeff is not None else None,
         moe_expert_capacity_factor=moe.capacity_factor,
         moe_token_drop_policy=moe.drop_policy,
         moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
