@@ -115,11 +115,8 @@ def from_path(path: Path) -> Subject:
                           f"directory")
     beside = path.resolve().parent / f"{path.resolve().name}-report"
     manifest = read_manifest(path)
-    if manifest is not None:
-        stage = manifest.get("stage", "")
-        if trains(stage) and not (path / METRICS).exists():
-            read_metrics(path)  # raises: a training stage's directory without its metrics
-        return Subject(str(path), [_record(stage, path, "done")], beside)
+    if manifest is not None:  # (a training stage's directory without its metrics.jsonl is refused there)
+        return Subject(str(path), [_record(manifest.get("stage", ""), path, "done")], beside)
     if (path / METRICS).exists():  # a training run still going (or stopped before its manifest)
         metrics = read_metrics(path)
         last = max((r["step"] for r in metrics if "loss" in r), default=0)

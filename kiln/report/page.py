@@ -57,7 +57,8 @@ def _duration(seconds: float | None) -> str:
 
 
 def _digests(records: list[dict]) -> str:
-    return "<br>".join(f"<code>{_e(r['path'])}</code> <code>{_e(r['digest'][:16])}</code>" for r in records)
+    unique = dict.fromkeys((r["path"], r["digest"][:16]) for r in records)  # a blend may name one file twice
+    return "<br>".join(f"<code>{_e(path)}</code> <code>{_e(digest)}</code>" for path, digest in unique)
 
 
 def stage_table(subject: Subject) -> str:
