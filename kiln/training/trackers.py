@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import logging
 import math
 import os
 import re
@@ -29,19 +28,17 @@ from kiln.artifact import CHECKPOINTS, MANIFEST, atomic_write_text
 from kiln.config import LoggingConfig, MLflowConfig, WandbConfig
 from kiln.validation import Problems
 
-log = logging.getLogger("kiln.train")
-
 STATE = "trackers.json"
 INSTALL = "pip install 'kiln[track]'"
-_MODULES = {"wandb": "wandb", "mlflow": "mlflow"}
+TRACKERS = ("wandb", "mlflow")  # LoggingConfig's sections, named as the packages they need
 
 
 def rules(cfg: LoggingConfig, problems: Problems, prefix: str = "logging") -> None:
     """A tracker asked for must be importable where the config is checked (the submitting shell and
     every rank); online W&B needs its key."""
-    for name, module in _MODULES.items():
-        if getattr(cfg, name) is not None and not _installed(module):
-            problems.add(f"{prefix}.{name} is set but the {module} package is not installed: {INSTALL} "
+    for name in TRACKERS:
+        if getattr(cfg, name) is not None and not _installed(name):
+            problems.add(f"{prefix}.{name} is set but the {name} package is not installed: {INSTALL} "
                          f"(or set {prefix}.{name}=null)")
     if cfg.wandb is not None and cfg.wandb.mode == "online" and not os.environ.get("WANDB_API_KEY"):
         problems.add(f"{prefix}.wandb.mode=online but WANDB_API_KEY is not set: export it in the shell that "
@@ -75,12 +72,12 @@ class WandbRun:
                  announce: bool = True):
         import wandb
 
-        self.directory = Path(cfg.dir or run_dir).resolve()
-        self.directory.mkdir(parents=True, exist_ok=True)
+        directory = Path(cfg.dir or run_dir).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, name=cfg.name or Path(run_dir).resolve().name,
             tags=list(cfg.tags) or None, id=run_id, resume="allow" if resume else "never", mode=wandb_mode(cfg),
-            dir=str(self.directory), config=None if resume else config,
+            dir=str(directory), config=None if resume else config,
             # stdout stays kiln's: no console capture; where the run's files are is said once, not on reopens
             settings=wandb.Settings(console="off", quiet=True, silent=not announce))
         if resume and config is not None:
@@ -228,7 +225,7 @@ def reopen(run_dir: str | Path) -> list:
     if "mlflow" in state and _installed("mlflow"):
         m = state["mlflow"]
         runs.append(MLflowRun(MLflowConfig(tracking_uri=m["tracking_uri"]), str(run_dir), m["run_id"], None))
-    missing = [name for name in state if not _installed(_MODULES[name])]
+    missing = [name for name in TRACKERS if name in state and not _installed(name)]
     if missing:
         print(f"note: {run_dir} records {', '.join(missing)} tracker runs but the packages are not installed "
               f"here: not logged there ({INSTALL})", flush=True)
