@@ -15,6 +15,9 @@ a user does (the `kiln` command), so what passes here is what a job runs:
                  gives the same loss as the checkpoint it came from
   curator_gpu    NeMo Curator's cuDF dedup workflows keep the documents kiln's CPU path keeps
   trtllm         trtllm-build on kiln's TensorRT-LLM export, greedy tokens = transformers' on the HF export
+  moe            a mixture of experts on TE's spec with grouped GEMM (TEGroupedMLP), bf16: loss falls,
+                 every token reaches top-k experts, the checkpoint holds SequentialMLP's expert keys
+  moe_ep2        the same at EP=2 with the alltoall dispatcher over NCCL, against the EP=1 run
 
 `--cpu` runs the checks that have a CPU form (fp32, the local layer spec) to test this script
 itself; CI does that with `--steps 3`. A check whose hardware or library is absent is SKIP.
@@ -182,6 +185,23 @@ class Checks:
             raise RuntimeError(f"first-step loss {b:.4f} from the converted checkpoint, {a:.4f} from the original")
         return f"strict TE-spec load; first-step loss {b:.4f} vs {a:.4f} from the original"
 
+    def moe(self) -> str:
+        self.need_gpu()
+        m = _moe_check(self, "moe", ep=1)
+        last = m[self.steps]
+        return (f"loss {m[1]['loss']:.3f} -> {last['loss']:.3f}, aux loss {last['moe_load_balancing_loss']:.3f}, "
+                f"expert imbalance {last['expert_imbalance']:.2f}")
+
+    def moe_ep2(self) -> str:
+        self.need_gpu(2)
+        if not (self.work / "moe" / "metrics.jsonl").exists():
+            raise Skip("needs the moe check's EP=1 run first")
+        one, two = metrics(self.work / "moe"), _moe_check(self, "moe_ep2", ep=2)
+        gap = abs(one[self.steps]["loss"] - two[self.steps]["loss"])
+        if gap > 0.1:
+            raise RuntimeError(f"EP=2 ends {gap:.3f} away from EP=1")
+        return f"final loss EP=2 {two[self.steps]['loss']:.3f} vs EP=1 {one[self.steps]['loss']:.3f}"
+
     def curator_gpu(self) -> str:
         if self.cpu:
             raise Skip("needs cuDF")
@@ -212,6 +232,39 @@ class Checks:
         kiln("export", str(hf), "--to", "trtllm", "--output", str(out), "--dtype", "float16")
         subprocess.run(["bash", str(out / "build.sh")], check=True, capture_output=True, timeout=600)
         return _compare_generation(hf, out / "engines")
+
+
+MOE = ["model.moe.num_experts=4", "model.moe.topk=2", "model.moe.ffn_hidden_size=192"]
+EXPERT_KEY = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+
+
+def _moe_check(checks: Checks, name: str, ep: int) -> dict[int, dict]:
+    """megatron-core 0.16.1 builds TE-spec experts as TEGroupedMLP (TE's GroupedLinear, one grouped
+    GEMM per expert layer) when moe_grouped_gemm is set, which kiln sets whenever TE imports on a GPU;
+    its sharded state dict is documented as interchangeable with SequentialMLP's (the CPU spec's)."""
+    run = checks.work / name
+    args = [a for a in checks.pretrain_args(run) if not a.startswith("parallel.world_size=")]
+    out = kiln("pretrain", "--recipe", "smoke", "--nproc", str(ep), f"parallel.world_size={ep}", f"parallel.ep={ep}",
+               "parallel.moe_dispatcher=alltoall", *MOE, *args)
+    if not checks.cpu and "bf16" not in out:
+        raise RuntimeError("the run did not use bf16")
+    m = metrics(run)
+    first, last = m[1]["loss"], m[checks.steps]["loss"]
+    if not last < first:
+        raise RuntimeError(f"loss did not fall: {first:.4f} -> {last:.4f}")
+    from kiln.recipes.pretrain import smoke
+
+    cfg = smoke()
+    routed = cfg.train.global_batch_size * cfg.train.seq_length * 2  # top-2
+    for layer, counts in m[1]["expert_tokens"].items():
+        if sum(counts) != routed:
+            raise RuntimeError(f"layer {layer} routed {sum(counts)} token-expert pairs, expected {routed}")
+    from kiln.training import checkpoint
+
+    shape = tuple(checkpoint.read_tensors(run / "checkpoints", EXPERT_KEY)[EXPERT_KEY].shape)
+    if shape[:2] != (cfg.model.num_layers, 4):
+        raise RuntimeError(f"{EXPERT_KEY} has shape {shape}, not (layers, experts, ...)")
+    return m
 
 
 def _gpu_count() -> int:
@@ -255,7 +308,8 @@ def _compare_generation(hf: Path, engines: Path) -> str:
     return f"greedy tokens equal on {same}/{len(prompts)} prompts x 16 tokens"
 
 
-ORDER = ("environment", "pretrain", "tp2", "sft_thd", "lora_te", "converted", "curator_gpu", "trtllm")
+ORDER = ("environment", "pretrain", "tp2", "sft_thd", "lora_te", "converted", "moe", "moe_ep2", "curator_gpu",
+         "trtllm")
 
 
 def main(argv: list[str] | None = None) -> int:
