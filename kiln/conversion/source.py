@@ -9,6 +9,7 @@ that uses them (`kiln convert`) is kiln.conversion.convert.
 from __future__ import annotations
 
 import dataclasses
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from kiln.conversion.safetensors_io import Entry
 from kiln.errors import ConfigError
 from kiln.training.shapes import global_shapes
 
+_OPTIMIZER = re.compile(r"^(chained_\d+\.)?optimizer\.")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -143,8 +145,8 @@ def open_megatron(reader: dcp.Reader, common: dict, prefix: str, describe: str, 
     family = families.for_model_type(model_type, describe)
     padded = reader.shape(prefix + "embedding.word_embeddings.weight")[0]
     params = family.params(m, padded, model_type)
-    present = {k for k in reader.tensor_keys() if not k.startswith(prefix + "optimizer.") and
-               not k.startswith("optimizer.")}
+    # training state: `optimizer.…`, or at EP > 1 megatron-core's chained dense and expert optimizers
+    present = {k for k in reader.tensor_keys() if not _OPTIMIZER.match(k.removeprefix(prefix))}
     # layers stacked on dim 0, or (an MoE model with dense layers) each layer's tensors named apart
     per_layer = any(megatron.global_key(k.removeprefix(prefix))[1] is not None for k in present)
 
