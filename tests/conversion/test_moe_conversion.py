@@ -24,7 +24,7 @@ from kiln.conversion.convert import convert
 from kiln.conversion.hf import HFFormatError
 from kiln.conversion.source import open_source
 from kiln.conversion.verify import hf_logits, sample_tokens
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, ParityError
 from tests.conftest import free_port, launch, tiny_overrides
 from tests.conversion.moe_models import COMMON, VARIANTS, build
 
@@ -46,7 +46,7 @@ def engine_builds_qk_layernorm() -> bool:
 
 
 # Qwen3-MoE's q/k norms map to megatron-core's qk_layernorm, which kiln's engine must build (model.py)
-QK_NORM = pytest.mark.xfail(not engine_builds_qk_layernorm(), strict=True, raises=Exception,
+QK_NORM = pytest.mark.xfail(not engine_builds_qk_layernorm(), strict=True, raises=ParityError,
                             reason="kiln's engine does not build model.qk_layernorm yet: Qwen3-MoE fails parity")
 
 
