@@ -160,6 +160,10 @@ def moe_rules(cfg: PretrainConfig, world_size: int, problems: Problems) -> None:
                      f"{p.pp} x {p.ep} x {etp} = {expert_mp}: the expert layers split the ranks of each pipeline "
                      f"stage into EP x expert-TP x expert-DP; launch a multiple of {expert_mp} processes, or "
                      f"lower parallel.ep / parallel.etp")
+    if p.etp is not None and p.etp not in (1, p.tp):
+        problems.add(f"parallel.etp={p.etp}: expert TP must be 1 or parallel.tp={p.tp} (an expert TP that differs "
+                     f"from both trained with other gradients than one process in kiln's parity check); set "
+                     f"parallel.etp=1, or null for TP")
     if moe.topk > moe.num_experts:
         problems.add(f"model.moe.topk={moe.topk} exceeds model.moe.num_experts={moe.num_experts}: a token "
                      f"cannot go to more experts than there are; lower model.moe.topk")

@@ -49,6 +49,8 @@ def test_valid_moe_layouts(world, fields):
      "world size 2 is not divisible by parallel.pp x parallel.ep x expert TP = 1 x 4 x 1 = 4: the expert "
      "layers split the ranks of each pipeline stage into EP x expert-TP x expert-DP; launch a multiple of 4 "
      "processes, or lower parallel.ep / parallel.etp"),
+    (2, moe(parallel__etp=2),
+     "parallel.etp=2: expert TP must be 1 or parallel.tp=1"),
     (1, moe(model__moe__topk=5),
      "model.moe.topk=5 exceeds model.moe.num_experts=4: a token cannot go to more experts than there are; "
      "lower model.moe.topk"),
