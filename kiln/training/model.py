@@ -48,6 +48,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         activation_func=_ACTIVATIONS[model.activation],
         add_bias_linear=model.add_bias_linear,
         add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,  # Qwen3: RMSNorm on each head's q and k before RoPE
         init_method_std=model.init_method_std,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
@@ -138,7 +139,7 @@ def layer_spec(model: ModelConfig, tconfig, vp_stage: int | None):
         if model.moe is not None:  # per-layer dense/MoE pattern, experts on TE's grouped GEMM
             return get_gpt_decoder_block_spec(tconfig, use_transformer_engine=True,
                                               normalization=model.normalization, vp_stage=vp_stage)
-        return get_gpt_layer_with_transformer_engine_spec()
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     dense = _local_layer(model, None)
     moe = _local_layer(model, model.moe.num_experts) if model.moe is not None else None
     layers = [moe if moe is not None and model.moe.is_moe_layer(i) else dense for i in range(model.num_layers)]
@@ -157,11 +158,16 @@ def _local_layer(model: ModelConfig, num_experts: int | None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     layer = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False,
-                                     normalization=model.normalization)
+                                     normalization=model.normalization, qk_layernorm=model.qk_layernorm)
     # megatron-core's torch-norm wrapper refuses sequence parallelism and does not tag its
-    # weights for the TP all-reduce of their gradients; kiln's norm does both
+    # weights for the TP all-reduce of their gradients; kiln's norm does both (the q/k norms
+    # too: megatron-core's wrapper would refuse them under sequence parallelism; their partial
+    # gradients, one per TP rank's heads, megatron-core all-reduces by name)
     layer.submodules.input_layernorm = SequenceParallelTorchNorm
     layer.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
+    if model.qk_layernorm:
+        attention = layer.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = SequenceParallelTorchNorm
     if num_experts is not None:
         layer.submodules.mlp.submodules.experts.module = seeded_experts()
     return layer
