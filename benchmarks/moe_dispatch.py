@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -104,7 +105,10 @@ def main() -> None:
         return worker(work / "data", work, args.rounds, args.steps)
     work.mkdir(parents=True, exist_ok=True)
     prepare_data(work, args.mib)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    with socket.socket() as s:  # a free port for the ranks' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
                __file__, "--worker", "--work", str(work), "--rounds", str(args.rounds), "--steps", str(args.steps)]
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     median = {name: statistics.median(t for r in range(args.rounds) for t in step_times(work / f"{name}_{r}"))

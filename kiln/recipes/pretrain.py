@@ -118,13 +118,15 @@ def tiny_moe() -> PretrainConfig:
 
 
 def mixtral_8x7b() -> PretrainConfig:
-    """Mixtral 8x7B on 64 H100 (8 nodes): EP=8 puts one expert of each layer per GPU, PP=4 splits
-    the 32 layers across nodes, TP=1 (attention is small beside the experts), the distributed
-    optimizer shards Adam over the 8 data-parallel ranks of the dense part."""
+    """Mixtral 8x7B on 64 H100 (8 nodes): EP=8 puts one expert of each layer per GPU pair, PP=4
+    splits the 32 layers across nodes, TP=2 with sequence parallelism (also over each expert's
+    14336-wide MLP) halves the activations, which otherwise fill 43 of ~62 GiB without
+    recomputation (`--dryrun`: ~35 GiB per rank as set here); the distributed optimizer shards Adam."""
     return PretrainConfig(
         run_dir="runs/mixtral_8x7b",
         model=models.mixtral_8x7b(),
-        parallel=ParallelConfig(tp=1, pp=4, ep=8, moe_dispatcher="alltoall", world_size=64),
+        parallel=ParallelConfig(tp=2, pp=4, ep=8, sequence_parallel=True, moe_dispatcher="alltoall",
+                                world_size=64),
         train=TrainConfig(steps=100_000, micro_batch_size=1, global_batch_size=512,
                           seq_length=4096, eval_interval=2000, eval_steps=10, precision="bf16"),
         optimizer=OptimizerConfig(name="adamw", lr=1e-4, min_lr=1e-5, weight_decay=0.1,
@@ -137,11 +139,13 @@ def mixtral_8x7b() -> PretrainConfig:
 
 def qwen3_30b_a3b() -> PretrainConfig:
     """Qwen3-30B-A3B on 16 H100 (2 nodes): EP=8 (16 of the 128 experts per GPU), PP=2 (24 layers
-    per stage), TP=1; the experts' Adam state is sharded over their 2 expert-data-parallel ranks."""
+    per stage), TP=2 with sequence parallelism for attention and activations while each 768-wide
+    expert stays whole (expert TP 1, expert DP 1); `--dryrun`: ~52 GiB per rank."""
     return PretrainConfig(
         run_dir="runs/qwen3_30b_a3b",
         model=models.qwen3_30b_a3b(),
-        parallel=ParallelConfig(tp=1, pp=2, ep=8, moe_dispatcher="alltoall", world_size=16),
+        parallel=ParallelConfig(tp=2, pp=2, ep=8, etp=1, sequence_parallel=True, moe_dispatcher="alltoall",
+                                world_size=16),
         train=TrainConfig(steps=100_000, micro_batch_size=1, global_batch_size=512,
                           seq_length=4096, eval_interval=2000, eval_steps=10, precision="bf16"),
         optimizer=OptimizerConfig(name="adamw", lr=3e-4, min_lr=3e-5, weight_decay=0.1,

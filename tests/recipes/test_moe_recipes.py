@@ -27,9 +27,12 @@ def test_cluster_moe_recipes_validate_and_fit_an_h100(recipe, total_b):
     memory = estimate(cfg, cfg.parallel.world_size, "bf16", flash_attention=True)  # TransformerEngine's
     assert memory["parameters_total"] / 1e9 == pytest.approx(total_b, rel=0.02)  # the published sizes
     assert memory["total_gib"] < 0.9 * H100_GIB, memory
-    # the experts are what EP divides: without it the same layout does not fit
+    # each EP rank holds 1/EP of the experts: without EP, the same layout holds EP times as many
+    ep = cfg.parallel.ep
     cfg.parallel.ep = 1
-    assert estimate(cfg, cfg.parallel.world_size, "bf16", flash_attention=True)["total_gib"] > H100_GIB
+    without = estimate(cfg, cfg.parallel.world_size, "bf16", flash_attention=True)
+    assert without["expert_parameters_per_rank"] == ep * memory["expert_parameters_per_rank"] > 0
+    assert without["total_gib"] > memory["total_gib"] + 20
 
 
 @pytest.mark.slow
