@@ -308,6 +308,11 @@ def finetune_rules(cfg, check: Check, problems: Problems) -> None:
         problems.add(f"data.chat_template={d.chat_template!r}: use 'tokenizer' or one of {', '.join(BUILTIN)}")
     lora = getattr(cfg, "lora", None)
     adapted = lora is not None and lora.enabled
+    on_experts = sorted({"linear_fc1", "linear_fc2"} & set(lora.target_modules)) if adapted else []
+    if on_experts and cfg.model.moe is not None:
+        problems.add(f"lora.target_modules={lora.target_modules}: in a mixture of experts {' and '.join(on_experts)} "
+                     f"are the experts' own layers, split by expert parallelism, which kiln's LoRA does not adapt: "
+                     f"set lora.target_modules=[linear_qkv,linear_proj] to adapt attention only")
     if cfg.parallel.sequence_parallel and (adapted or type(cfg).__name__ in ("RMConfig", "RLHFConfig")):
         problems.add("parallel.sequence_parallel is not supported with LoRA, reward or value heads: "
                      "set parallel.sequence_parallel=false")

@@ -35,6 +35,21 @@ def test_cluster_moe_recipes_validate_and_fit_an_h100(recipe, total_b):
     assert without["total_gib"] > memory["total_gib"] + 20
 
 
+def test_lora_on_experts_is_refused_with_the_fix(demo_data):
+    from kiln.errors import ConfigError
+    from kiln.recipes.posttrain import sft_moe_tiny
+
+    cfg = sft_moe_tiny()
+    cfg.data.tokenizer = str(demo_data / "tokenizer")
+    cfg.checkpoint.load_weights = None
+    cfg.lora.enabled = True
+    with pytest.raises(ConfigError, match=r"linear_fc1 and linear_fc2 are the experts' own layers.*"
+                                          r"set lora.target_modules=\[linear_qkv,linear_proj\]"):
+        validate(cfg, Check(world_size=1, files="skip"))
+    cfg.lora.target_modules = ["linear_qkv", "linear_proj"]
+    validate(cfg, Check(world_size=1, files="skip"))
+
+
 @pytest.mark.slow
 def test_tiny_moe_pipeline_runs_every_stage(tmp_path):
     p = tiny_moe(root=str(tmp_path / "moe"))
