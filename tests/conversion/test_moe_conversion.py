@@ -24,7 +24,7 @@ from kiln.conversion.convert import convert
 from kiln.conversion.hf import HFFormatError
 from kiln.conversion.source import open_source
 from kiln.conversion.verify import hf_logits, sample_tokens
-from kiln.errors import ConfigError, ParityError
+from kiln.errors import ConfigError
 from tests.conftest import free_port, launch, tiny_overrides
 from tests.conversion.moe_models import COMMON, VARIANTS, build
 
@@ -36,18 +36,6 @@ def tensors(directory) -> dict[str, torch.Tensor]:
     for path in glob.glob(f"{directory}/*.safetensors"):
         out.update(load_file(path))
     return out
-
-
-def engine_builds_qk_layernorm() -> bool:
-    from kiln.config import ModelConfig, ParallelConfig
-    from kiln.training.model import transformer_config
-
-    return bool(transformer_config(ModelConfig(qk_layernorm=True), ParallelConfig(), "fp32").qk_layernorm)
-
-
-# Qwen3-MoE's q/k norms map to megatron-core's qk_layernorm, which kiln's engine must build (model.py)
-QK_NORM = pytest.mark.xfail(not engine_builds_qk_layernorm(), strict=True, raises=ParityError,
-                            reason="kiln's engine does not build model.qk_layernorm yet: Qwen3-MoE fails parity")
 
 
 class Converted(dict):
@@ -72,7 +60,7 @@ def converted(tmp_path_factory):
     return Converted(tmp_path_factory.mktemp("moe"))
 
 
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=QK_NORM) if v == "qwen3_moe" else v for v in VARIANTS])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_hf_megatron_hf_is_bitwise_and_logit_exact(converted, variant):
     hf, _, back, summaries = converted[variant]
     for summary in summaries:
@@ -134,9 +122,10 @@ def test_megatron_layouts_and_one_expert_access(converted):
 
 @pytest.mark.slow
 def test_expert_parallel_load_of_converted_checkpoints(converted, tmp_path):
-    """megatron-core's dist-checkpointing loads the converted checkpoints into kiln's engine at EP=2
+    """megatron-core's dist-checkpointing loads the converted checkpoints (stacked, per-layer keys, q/k
+    norms) into kiln's engine at EP=2
     (2 processes, 2 experts each), every key matched, and the logits equal transformers'."""
-    jobs = {v: (converted[v][1], tmp_path / f"{v}.pt") for v in ("mixtral", "qwen2_moe")}
+    jobs = {v: (converted[v][1], tmp_path / f"{v}.pt") for v in VARIANTS}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), str(HERE / "moe_ep_forward.py"), "2",
            *[str(p) for job in jobs.values() for p in job]]
