@@ -37,6 +37,8 @@ EXPERT_FC2 = "decoder.layers.mlp.experts.experts.linear_fc2.weight"
 SHARED_FC1 = "decoder.layers.mlp.shared_experts.linear_fc1.weight"
 SHARED_FC2 = "decoder.layers.mlp.shared_experts.linear_fc2.weight"
 SHARED_GATE = "decoder.layers.mlp.shared_experts.gate_weight"
+MOE_NORM = "decoder.layers.pre_mlp_layernorm.weight"
+DENSE_NORM = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
 
 
 def model_config(hf: dict, where: str = "config.json") -> ModelConfig:
@@ -171,10 +173,15 @@ def params(m: ModelConfig, padded_vocab: int, model_type: str) -> list[Param]:
     set per expert) and shared expert, and the dense layers' MLP."""
     moe = m.moe
     dense_mlp = ("decoder.layers.mlp.linear_fc1.weight", "decoder.layers.mlp.linear_fc2.weight")
-    out = [p for p in llama.params(m, padded_vocab) if p.megatron not in dense_mlp]
+    out = [p for p in llama.params(m, padded_vocab) if p.megatron not in (*dense_mlp, DENSE_NORM)]
     layer, mlp = "model.layers.{i}.", _mlp_prefix(model_type)
     moe_layers = tuple(i for i in range(m.num_layers) if moe.is_moe_layer(i))
     dense_layers = tuple(i for i in range(m.num_layers) if not moe.is_moe_layer(i))
+    # the norm before the MLP: fused into a dense MLP's fc1 (TE spec; the local spec maps its key there),
+    # a module of its own before an MoE layer's router, named as TransformerEngine's spec names it
+    out.append(Param(MOE_NORM, [layer + "post_attention_layernorm.weight"], layers=moe_layers))
+    if dense_layers:
+        out.append(Param(DENSE_NORM, [layer + "post_attention_layernorm.weight"], layers=dense_layers))
     gate, up, down = ("w1", "w3", "w2") if model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     expert = mlp + "experts.{e}."
     out += [

@@ -170,6 +170,10 @@ def _local_layer(model: ModelConfig, num_experts: int | None):
         attention.q_layernorm = attention.k_layernorm = SequenceParallelTorchNorm
     if num_experts is not None:
         layer.submodules.mlp.submodules.experts.module = seeded_experts()
+        # megatron-core's local spec saves an MoE layer's pre-MLP norm under the fused dense name
+        # (mlp.linear_fc1.layer_norm_weight), its TE spec as pre_mlp_layernorm.weight (no fc1 to fuse
+        # into): keep TE's name, so MoE checkpoints move between CPU and GPU, and to Megatron-LM's
+        layer.submodules.sharded_state_dict_keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
     return layer
 
 

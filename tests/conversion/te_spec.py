@@ -20,7 +20,8 @@ the output layer's extra state.
 from __future__ import annotations
 
 
-def te_layer_spec():
+def te_layer_spec(**kwargs):
+    """megatron-core's TE layer spec (`num_experts=...` for an MoE layer), built without TE."""
     import megatron.core.extensions.transformer_engine_spec_provider as provider
     import megatron.core.models.gpt.gpt_layer_specs as specs
 
@@ -28,7 +29,7 @@ def te_layer_spec():
     provider.is_te_min_version = lambda *args, **kwargs: True
     specs.TESpecProvider = provider.TESpecProvider
     try:
-        return specs.get_gpt_layer_with_transformer_engine_spec()
+        return specs.get_gpt_layer_with_transformer_engine_spec(**kwargs)
     finally:
         provider.is_te_min_version, specs.TESpecProvider = saved
 

@@ -120,6 +120,25 @@ def test_megatron_layouts_and_one_expert_access(converted):
     assert torch.equal(up, disk["model.layers.1.block_sparse_moe.experts.2.w3.weight"])
 
 
+def test_moe_layer_norm_has_the_transformer_engine_specs_key(converted):
+    """On GPU an MoE layer's pre-MLP norm is TE's own module (no fc1 to fuse into), saved as
+    pre_mlp_layernorm.weight; megatron-core's local spec would save it under the fused dense name.
+    kiln's engine and conversion use TE's name, so an MoE checkpoint moves between CPU and GPU."""
+    import megatron.core.extensions.transformer_engine as te
+
+    from kiln.conversion.dcp import Reader
+    from tests.conversion.te_spec import te_layer_spec
+
+    layer = te_layer_spec(num_experts=4, moe_grouped_gemm=True).submodules
+    assert layer.pre_mlp_layernorm is te.TENorm
+    assert not any(k.startswith("pre_mlp_layernorm") for k in layer.sharded_state_dict_keys_map)
+    stacked = Reader(glob.glob(f"{converted['mixtral'][1]}/checkpoints/iter_*")[0])
+    assert stacked.shape(moe.MOE_NORM) == (2, 32) and moe.DENSE_NORM not in stacked.tensor_keys()
+    per_layer = Reader(glob.glob(f"{converted['qwen2_moe'][1]}/checkpoints/iter_*")[0])  # layer 1 is dense
+    assert "decoder.layers.0.pre_mlp_layernorm.weight" in per_layer.tensor_keys()
+    assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in per_layer.tensor_keys()
+
+
 @pytest.mark.slow
 def test_expert_parallel_load_of_converted_checkpoints(converted, tmp_path):
     """megatron-core's dist-checkpointing loads the converted checkpoints (stacked, per-layer keys, q/k
