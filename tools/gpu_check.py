@@ -202,6 +202,28 @@ class Checks:
             raise RuntimeError(f"EP=2 ends {gap:.3f} away from EP=1")
         return f"final loss EP=2 {two[self.steps]['loss']:.3f} vs EP=1 {one[self.steps]['loss']:.3f}"
 
+    def moe_converted(self) -> str:
+        """The moe check's checkpoint (on a GPU: TE spec, grouped-GEMM experts, TE's pre-MLP norm) ->
+        HF Mixtral (logits checked) -> a Megatron checkpoint written by kiln's converter -> one step
+        from each on this machine's spec: the converted weights load strictly and give the first-step
+        loss of the original's (within the padded-vocabulary rows' effect, as in `converted`)."""
+        self.need_gpu()
+        if not (self.work / "moe" / "metrics.jsonl").exists():
+            raise Skip("needs the moe check's run first")
+        hf, meg = self.work / "moe_hf", self.work / "moe_megatron"
+        kiln("convert", str(self.work / "moe"), "--to", "hf", "--output", str(hf))
+        kiln("convert", str(hf), "--to", "megatron", "--output", str(meg), "--tp", "8")  # the 1024 padded rows
+        loss = {}
+        for name, weights in (("direct", self.work / "moe" / "checkpoints"), ("converted", meg / "checkpoints")):
+            run = self.work / f"moe_{name}"
+            kiln("pretrain", "--recipe", "smoke", "--nproc", "1", *MOE, *self.pretrain_args(run), "train.steps=1",
+                 "schedule.warmup_steps=0", f"checkpoint.load_weights={weights}")
+            loss[name] = metrics(run)[1]["loss"]
+        if abs(loss["direct"] - loss["converted"]) > 0.1:
+            raise RuntimeError(f"first-step loss {loss['converted']:.4f} from the converted MoE checkpoint, "
+                               f"{loss['direct']:.4f} from the original")
+        return f"HF Mixtral and back, strict load; first-step loss {loss['converted']:.4f} vs {loss['direct']:.4f}"
+
     def curator_gpu(self) -> str:
         if self.cpu:
             raise Skip("needs cuDF")
@@ -232,6 +254,27 @@ class Checks:
         kiln("export", str(hf), "--to", "trtllm", "--output", str(out), "--dtype", "float16")
         subprocess.run(["bash", str(out / "build.sh")], check=True, capture_output=True, timeout=600)
         return _compare_generation(hf, out / "engines")
+
+    def trtllm_moe(self) -> str:
+        """The moe_converted check's HF Mixtral exported at TP=1, TP=2 as expert TP 2, TP=2 as EP 2:
+        trtllm-build loads every rank's shards into TensorRT-LLM's MoE model; greedy tokens equal
+        transformers' wherever enough GPUs are visible (a TP=2 engine on one GPU is built, not run)."""
+        if self.cpu:
+            raise Skip("needs a GPU and TensorRT-LLM")
+        if not shutil.which("trtllm-build"):
+            raise Skip("trtllm-build is not here: run this check in nvcr.io/nvidia/tensorrt-llm/release")
+        hf = self.work / "moe_hf"
+        if not (hf / "config.json").exists():
+            raise Skip("needs the moe_converted check's HF directory first")
+        figures = []
+        for tp, ep in ((1, 1), (2, 1), (2, 2)):
+            out = self.work / f"moe_trtllm_tp{tp}_ep{ep}"
+            kiln("export", str(hf), "--to", "trtllm", "--output", str(out), "--tp", str(tp), "--ep", str(ep),
+                 "--dtype", "float16")
+            subprocess.run(["bash", str(out / "build.sh")], check=True, capture_output=True, timeout=600)
+            figures.append(f"tp{tp}/ep{ep}: " + (_compare_generation(hf, out / "engines") if tp <= self.gpus
+                                                 else "built, not run"))
+        return "; ".join(figures)
 
 
 MOE = ["model.moe.num_experts=4", "model.moe.topk=2", "model.moe.ffn_hidden_size=192"]
@@ -308,8 +351,8 @@ def _compare_generation(hf: Path, engines: Path) -> str:
     return f"greedy tokens equal on {same}/{len(prompts)} prompts x 16 tokens"
 
 
-ORDER = ("environment", "pretrain", "tp2", "sft_thd", "lora_te", "converted", "moe", "moe_ep2", "curator_gpu",
-         "trtllm")
+ORDER = ("environment", "pretrain", "tp2", "sft_thd", "lora_te", "converted", "moe", "moe_ep2", "moe_converted",
+         "curator_gpu", "trtllm", "trtllm_moe")
 
 
 def main(argv: list[str] | None = None) -> int:
