@@ -73,15 +73,17 @@ def test_signal_checkpoints_requeues_and_resumes_exactly(straight, demo_data, tm
     result = submit.submit("kiln-test", [submit.Task("pretrain", tiny_cfg(demo_data, preempted), 2)], launch,
                            detach=True)
     job = result.slurm_jobs["pretrain"]
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while not (preempted / "metrics.jsonl").exists() or len(read_metrics(preempted)) < 3:
         assert time.time() < deadline and slurm.state(job) in ("PENDING", "RUNNING"), slurm.state(job)
         time.sleep(0.3)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
-    while _restarts(job) == 0:
-        assert time.time() < deadline
+    deadline = time.time() + 300
+    # Slurm holds a requeued job for a fixed 2 minutes (BeginTime); release it once it is pending
+    # again: while the first run is still completing (slow under load) scontrol refuses the update
+    while _restarts(job) == 0 or slurm.state(job) != "PENDING":
+        assert time.time() < deadline, slurm.state(job)
         time.sleep(0.5)
-    # Slurm holds a requeued job for a fixed 2 minutes (BeginTime); release it now
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     final = slurm.wait({"pretrain": job}, on_change=lambda _: None)
     assert final == {"pretrain": "COMPLETED"}, _logs(result.experiment_dir)
